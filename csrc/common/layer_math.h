@@ -1,0 +1,65 @@
+// Finalize, rank-ordered reduce and RMSNorm of SPEC §3, identical on host and
+// device. The orchestration (threads, vectors, exchange) lives with each
+// caller; the order of every rounding lives here.
+#pragma once
+
+#include "numerics.h"
+
+namespace mar {
+
+// An index selects a row of expert_out only when 0 <= p < P; anything else
+// (-1, out of range, negative) is skipped and never dereferenced.
+MAR_HD bool valid_expert_row(int32_t p, int64_t P) { return p >= 0 && int64_t(p) < P; }
+
+// Finalize V adjacent columns of one token:
+//   acc = sum_k (w_k * x[p_k]) in k order, skipping invalid p_k;
+//   acc = acc * routed_scaling_factor; acc += shared (unscaled).
+// load_row(p, x) fills x[0..V) with float32 values of expert_out[p, cols];
+// weight(k) returns the router weight of slot k as float32 (1 if absent).
+template <int V, typename LoadRow, typename Weight>
+MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int64_t P,
+                             Weight weight, LoadRow load_row) {
+  MAR_UNROLL
+  for (int j = 0; j < V; ++j) acc[j] = 0.0f;
+  for (int k = 0; k < K; ++k) {
+    int32_t p = idx_row[k];
+    if (!valid_expert_row(p, P)) continue;
+    float w = weight(k);
+    float x[V];
+    load_row(p, x);
+  MAR_UNROLL
+    for (int j = 0; j < V; ++j) acc[j] = add_rn(acc[j], mul_rn(w, x[j]));
+  }
+}
+
+template <int V>
+MAR_HD void finalize_scale_and_shared(float (&acc)[V], float routed_scaling_factor,
+                                      const float* shared /* V values or nullptr */) {
+  MAR_UNROLL
+  for (int j = 0; j < V; ++j) {
+    acc[j] = mul_rn(acc[j], routed_scaling_factor);
+    if (shared != nullptr) acc[j] = add_rn(acc[j], shared[j]);
+  }
+}
+
+// y = f32(wire_0) + f32(wire_1) + ... in rank order; starts from wire_0 (not
+// from 0), which keeps -0.0 exactly as SPEC writes it.
+MAR_HD float rank_sum_step(float y, float wire_s) { return add_rn(y, wire_s); }
+
+// residual_out = rT(y + residual), as float32.
+template <typename T> MAR_HD T residual_value(float y, float residual) {
+  return from_f32<T>(add_rn(y, residual));
+}
+
+// inv = 1 / sqrt(sum_sq / H + eps).
+MAR_HD float rms_inv(float sum_sq, int64_t H, float eps) {
+  return div_rn(1.0f, sqrt_rn(add_rn(div_rn(sum_sq, float(H)), eps)));
+}
+
+// norm_out = rT((residual_out * inv) * (offset + gamma)).
+template <typename T>
+MAR_HD T norm_value(float residual_out, float inv, float norm_weight_offset, float gamma) {
+  return from_f32<T>(mul_rn(mul_rn(residual_out, inv), add_rn(norm_weight_offset, gamma)));
+}
+
+}  // namespace mar

@@ -1,0 +1,52 @@
+// The compiled module: FFI handler capsules for registration, plus the CUDA
+// workspace lifecycle when built with CUDA.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "ffi/cpu.h"
+#if defined(JAX_MOE_AR_WITH_CUDA)
+#include "ffi/cuda.h"
+#include "runtime/workspace.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+#if defined(JAX_MOE_AR_WITH_CUDA)
+void bind_workspace(nb::module_& m);
+#endif
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "jax_moe_ar native module: XLA FFI handlers and CUDA workspaces";
+
+  // {platform: {target name: capsule}}
+  m.def("registrations", []() {
+    nb::dict cpu, cuda, out;
+    cpu["jax_moe_ar_cpu_finalize_v1"] = handler_capsule(jax_moe_ar_cpu_finalize_v1);
+    cpu["jax_moe_ar_cpu_tail_v1"] = handler_capsule(jax_moe_ar_cpu_tail_v1);
+#if defined(JAX_MOE_AR_WITH_CUDA)
+    cuda["jax_moe_ar_fused_v1"] = handler_capsule(jax_moe_ar_fused_v1);
+#endif
+    out["cpu"] = cpu;
+    out["CUDA"] = cuda;
+    return out;
+  });
+
+#if defined(JAX_MOE_AR_WITH_CUDA)
+  m.attr("with_cuda") = true;
+  bind_workspace(m);
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

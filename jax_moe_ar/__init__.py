@@ -1,0 +1,21 @@
+"""jax_moe_ar: the end of an MoE layer (finalize + all-reduce + residual + RMSNorm + quant)
+as one collective op for JAX on NVIDIA GPUs. See SPEC.md §2 for the API."""
+
+from . import reference
+from .ops import allreduce_rmsnorm, moe_finalize_allreduce
+from .quant import Fp8PerGroup, Fp8PerToken, Fp8Static, FusedOutputs, NvFp4, dequantize
+from .workspace import check_errors
+
+__all__ = [
+    "moe_finalize_allreduce",
+    "allreduce_rmsnorm",
+    "Fp8Static",
+    "Fp8PerToken",
+    "Fp8PerGroup",
+    "NvFp4",
+    "FusedOutputs",
+    "dequantize",
+    "check_errors",
+    "reference",
+]
+__version__ = "0.1.0"

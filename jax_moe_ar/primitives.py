@@ -1,0 +1,243 @@
+"""The JAX primitive: abstract evaluation and the CPU, CUDA and default lowerings.
+
+One primitive serves both public functions. Its operands are, in order,
+``partial`` (expert_out [P,H] or the dense x [M,H]), ``permuted_idx`` (MoE
+only), ``residual``, ``norm_weight``, then ``expert_scales`` and
+``shared_expert_out`` when present (MoE only), then the quant scale operand
+when the quant kind takes one. Its results are residual, norm, quant, scale —
+each only when asked for. The native handlers decode the same order
+(csrc/ffi/attrs.h).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import core as _core  # NamedAxisEffect: the op is a collective like psum
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from . import _native, reference, workspace
+from .quant import KIND_NONE, FusedOutputs, QuantStatic
+
+# Bits of csrc/common/config.h OpFlag.
+HAS_SCALES, HAS_SHARED, OUT_RESIDUAL, OUT_NORM, OUT_QUANT = 1, 2, 4, 8, 16
+UE8M0, SCALE_COL, FP4_SWIZZLED, DENSE = 32, 64, 128, 256
+
+TARGET_FUSED = "jax_moe_ar_fused_v1"
+TARGET_CPU_FINALIZE = "jax_moe_ar_cpu_finalize_v1"
+TARGET_CPU_TAIL = "jax_moe_ar_cpu_tail_v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpConfig:
+    """Everything static about one call; hashable, so it is the primitive's parameter."""
+
+    dense: bool
+    axes: tuple[str, ...]
+    outputs: tuple[str, ...]
+    quant: QuantStatic | None  # None unless "quant" is among the outputs
+    has_scales: bool
+    has_shared: bool
+    routed_scaling_factor: float  # already rounded to float32
+    eps: float
+    norm_weight_offset: float
+    algorithm: str
+
+    @property
+    def flags(self) -> int:
+        q = self.quant
+        f = (HAS_SCALES * self.has_scales | HAS_SHARED * self.has_shared
+             | OUT_RESIDUAL * ("residual" in self.outputs) | OUT_NORM * ("norm" in self.outputs)
+             | DENSE * self.dense)
+        if q is not None:
+            f |= OUT_QUANT | UE8M0 * q.ue8m0 | SCALE_COL * q.scale_col
+            f |= FP4_SWIZZLED * q.fp4_swizzled
+        return f
+
+    def attributes(self, workspace_id: int = 0, algorithm_code: int = 0) -> dict:
+        """The custom call's attributes, decoded by csrc/ffi/attrs.h OpAttrs."""
+        q = self.quant
+        return dict(
+            quant=np.int32(q.kind if q else KIND_NONE),
+            flags=np.int32(self.flags),
+            routed_scaling_factor=np.float32(self.routed_scaling_factor),
+            eps=np.float32(self.eps),
+            norm_weight_offset=np.float32(self.norm_weight_offset),
+            group_size=np.int32(q.group_size if q else 0),
+            workspace=np.int64(workspace_id),
+            algorithm=np.int32(algorithm_code),
+        )
+
+    def result_types(self, M: int, H: int, T) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        out = []
+        if "residual" in self.outputs:
+            out.append(((M, H), T))
+        if "norm" in self.outputs:
+            out.append(((M, H), T))
+        if self.quant is not None:
+            codes, scale = self.quant.shapes(M, H)
+            out.append(codes)
+            if scale is not None:
+                out.append(scale)
+        return out
+
+
+def split_operands(cfg: OpConfig, args):
+    """Named view of the primitive's operand list."""
+    args = list(args)
+    named = {"partial": args.pop(0)}
+    if not cfg.dense:
+        named["permuted_idx"] = args.pop(0)
+    named["residual"] = args.pop(0)
+    named["norm_weight"] = args.pop(0)
+    named["expert_scales"] = args.pop(0) if cfg.has_scales else None
+    named["shared_expert_out"] = args.pop(0) if cfg.has_shared else None
+    named["quant_scale"] = args.pop(0) if (cfg.quant and cfg.quant.takes_scale_input) else None
+    assert not args, "operand list longer than the config describes"
+    return named
+
+
+def _residual_aval(cfg, avals):
+    return avals[1 if cfg.dense else 2]
+
+
+# ---- abstract evaluation ----------------------------------------------------------
+
+def _varying(aval) -> frozenset:
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _with_varying(aval, shape, dtype, varying):
+    """An aval like `aval` (same mesh context) with a new shape, dtype and varying axes."""
+    sharding = aval.sharding
+    if hasattr(sharding, "update") and hasattr(sharding, "spec"):
+        sharding = sharding.update(spec=jax.sharding.PartitionSpec(*([None] * len(shape))))
+    if hasattr(aval, "mat"):
+        return aval.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding,
+                           manual_axis_type=aval.mat.update(varying=varying))
+    return aval.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding,
+                       vma=varying)
+
+
+def _abstract_eval(*avals, cfg: OpConfig):
+    res = _residual_aval(cfg, avals)
+    M, H = res.shape
+    varying = frozenset().union(*(_varying(a) for a in avals)) - frozenset(cfg.axes)
+    outs = [_with_varying(res, s, d, varying) for s, d in cfg.result_types(M, H, res.dtype)]
+    return outs, {_core.NamedAxisEffect(a) for a in cfg.axes}
+
+
+fused_p = Primitive("jax_moe_ar_fused")
+fused_p.multiple_results = True
+fused_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def bind(cfg: OpConfig, operands, quant_scale) -> FusedOutputs:
+    args = list(operands)
+    if cfg.quant is not None and cfg.quant.takes_scale_input:
+        args.append(quant_scale)
+    results = iter(fused_p.bind(*args, cfg=cfg))
+    res = next(results) if "residual" in cfg.outputs else None
+    norm = next(results) if "norm" in cfg.outputs else None
+    codes = next(results) if cfg.quant is not None else None
+    scale = next(results) if (cfg.quant is not None and cfg.quant.has_scale_output) else None
+    return FusedOutputs(res, norm, codes, scale)
+
+
+# ---- plain-JAX implementation (default lowering and fallback) -----------------------
+
+def _quant_spec_for_reference(q: QuantStatic, quant_scale):
+    from . import quant as qm
+    if q.kind == qm.KIND_FP8_STATIC:
+        return qm.Fp8Static(quant_scale)
+    if q.kind == qm.KIND_FP8_PER_TOKEN:
+        return qm.Fp8PerToken()
+    if q.kind == qm.KIND_FP8_PER_GROUP:
+        return qm.Fp8PerGroup(q.group_size, q.ue8m0, "col" if q.scale_col else "row")
+    return qm.NvFp4(quant_scale, "swizzled_128x4" if q.fp4_swizzled else "linear")
+
+
+def _xla_impl(*args, cfg: OpConfig):
+    a = split_operands(cfg, args)
+    quant = None if cfg.quant is None else _quant_spec_for_reference(cfg.quant, a["quant_scale"])
+    common = dict(axis_name=cfg.axes, eps=cfg.eps, norm_weight_offset=cfg.norm_weight_offset,
+                  quant=quant, outputs=cfg.outputs)
+    if cfg.dense:
+        out = reference.allreduce_rmsnorm(a["partial"], a["residual"], a["norm_weight"], **common)
+    else:
+        out = reference.moe_finalize_allreduce(
+            a["partial"], a["permuted_idx"], a["residual"], a["norm_weight"],
+            expert_scales=a["expert_scales"], shared_expert_out=a["shared_expert_out"],
+            routed_scaling_factor=cfg.routed_scaling_factor, **common)
+    return [x for x in out if x is not None]
+
+
+_xla_lowering = mlir.lower_fun(_xla_impl, multiple_results=True)
+
+
+# ---- CPU: local finalize (FFI) -> all_gather -> rank-ordered tail (FFI) -----------------
+
+def _cpu_impl(*args, cfg: OpConfig):
+    a = split_operands(cfg, args)
+    residual = a["residual"]
+    (M, H), T = residual.shape, residual.dtype
+    attrs = cfg.attributes()
+    if cfg.dense:
+        wire = a["partial"]
+    else:
+        extra = [x for x in (a["expert_scales"], a["shared_expert_out"]) if x is not None]
+        wire = jax.ffi.ffi_call(TARGET_CPU_FINALIZE, jax.ShapeDtypeStruct((M, H), T))(
+            a["partial"], a["permuted_idx"], *extra, **attrs)
+    gathered = lax.all_gather(wire, cfg.axes)  # [N, M, H] in rank order
+    tail_in = [gathered, residual, a["norm_weight"]]
+    if a["quant_scale"] is not None:
+        tail_in.append(a["quant_scale"])
+    types = [jax.ShapeDtypeStruct(s, d) for s, d in cfg.result_types(M, H, T)]
+    return jax.ffi.ffi_call(TARGET_CPU_TAIL, types)(*tail_in, **attrs)
+
+
+_cpu_lowering = mlir.lower_fun(_cpu_impl, multiple_results=True)
+
+
+# ---- CUDA: one fused custom call per device ----------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _cuda_lowering(ctx, *args, cfg: OpConfig):
+    res = _residual_aval(cfg, ctx.avals_in)
+    (M, H), T = res.shape, jnp.dtype(res.dtype)
+    plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm)
+    if plan.workspace_id is None:
+        if cfg.algorithm != "auto":
+            raise RuntimeError(
+                f"jax_moe_ar: algorithm={cfg.algorithm!r} cannot run here: {plan.reason}. "
+                "Use algorithm='auto' to fall back to the plain-JAX path, or 'xla'.")
+        if plan.reason not in _warned:
+            _warned.add(plan.reason)
+            warnings.warn(f"jax_moe_ar: using the plain-JAX (xla) path: {plan.reason}",
+                          RuntimeWarning, stacklevel=2)
+        return _xla_lowering(ctx, *args, cfg=cfg)
+    return jax.ffi.ffi_lowering(TARGET_FUSED)(
+        ctx, *args, **cfg.attributes(plan.workspace_id, plan.algorithm_code))
+
+
+def _register():
+    for platform, targets in _native.registrations().items():
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform=platform)
+    mlir.register_lowering(fused_p, _xla_lowering)  # any other platform: plain JAX
+    mlir.register_lowering(fused_p, _cpu_lowering, platform="cpu")
+    mlir.register_lowering(fused_p, _cuda_lowering, platform="cuda")
+
+
+_register()

@@ -1,0 +1,202 @@
+"""Quantization specs of SPEC §3, their output shapes, and dequantization.
+
+A spec is a small frozen dataclass. Its static part (kind, group size,
+layouts) becomes the op's attributes; its arrays (the FP8 static scale, the
+NVFP4 global scale) become operands of the op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP4_BLOCK = 16
+
+# Numbering shared with csrc/common/config.h (QuantKind).
+KIND_NONE, KIND_FP8_STATIC, KIND_FP8_PER_TOKEN, KIND_FP8_PER_GROUP, KIND_NVFP4 = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Static:
+    """float8_e4m3fn codes with a caller-given dequant scale ``scale`` (float32 scalar array)."""
+
+    scale: Any
+    kind = KIND_FP8_STATIC
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8PerToken:
+    """float8_e4m3fn codes, one float32 scale per token: ``scale`` output [M, 1]."""
+
+    kind = KIND_FP8_PER_TOKEN
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8PerGroup:
+    """float8_e4m3fn codes, one float32 scale per ``group_size`` columns of a token.
+
+    ``ue8m0=True`` rounds each scale up to a power of two. ``scale_layout`` is
+    ``"row"`` ([M, H/group_size]) or ``"col"`` ([H/group_size, M], DeepGEMM-style).
+    """
+
+    group_size: int = 128
+    ue8m0: bool = False
+    scale_layout: str = "row"
+    kind = KIND_FP8_PER_GROUP
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, (int, np.integer)) or isinstance(self.group_size, bool) \
+                or self.group_size <= 0:
+            raise ValueError(f"Fp8PerGroup.group_size must be a positive int, got {self.group_size!r}")
+        if self.scale_layout not in ("row", "col"):
+            raise ValueError(
+                f"Fp8PerGroup.scale_layout must be 'row' or 'col', got {self.scale_layout!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NvFp4:
+    """NVFP4: e2m1 codes (two per byte) and one e4m3 scale per 16 columns.
+
+    ``global_scale`` (float32 scalar array) is the encode scale g, typically
+    448 * 6 / amax. ``layout`` of the block scales: ``"swizzled_128x4"``
+    ([roundup(M,128), roundup(H/16,4)], 128x4 tile order, zero padding) or
+    ``"linear"`` ([M, H/16]).
+    """
+
+    global_scale: Any
+    layout: str = "swizzled_128x4"
+    kind = KIND_NVFP4
+
+    def __post_init__(self):
+        if self.layout not in ("swizzled_128x4", "linear"):
+            raise ValueError(
+                f"NvFp4.layout must be 'swizzled_128x4' or 'linear', got {self.layout!r}")
+
+
+QuantSpec = Fp8Static | Fp8PerToken | Fp8PerGroup | NvFp4
+QUANT_TYPES = (Fp8Static, Fp8PerToken, Fp8PerGroup, NvFp4)
+
+
+class FusedOutputs(NamedTuple):
+    """What the op returns; fields that were not asked for are None."""
+
+    residual: jax.Array | None
+    norm: jax.Array | None
+    quant: jax.Array | None
+    scale: jax.Array | None
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def scale_operand(spec) -> Any | None:
+    """The array the spec feeds the op (FP8 static scale, NVFP4 global scale) or None."""
+    if isinstance(spec, Fp8Static):
+        return spec.scale
+    if isinstance(spec, NvFp4):
+        return spec.global_scale
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantStatic:
+    """The static (hashable) part of a spec: what the op's attributes carry."""
+
+    kind: int
+    group_size: int = 0
+    ue8m0: bool = False
+    scale_col: bool = False      # Fp8PerGroup "col" layout
+    fp4_swizzled: bool = False   # NvFp4 "swizzled_128x4" layout
+
+    @property
+    def has_scale_output(self) -> bool:
+        return self.kind != KIND_FP8_STATIC
+
+    @property
+    def takes_scale_input(self) -> bool:
+        return self.kind in (KIND_FP8_STATIC, KIND_NVFP4)
+
+    def shapes(self, M: int, H: int):
+        """((codes shape, dtype), (scale shape, dtype) or None) for [M, H] rows."""
+        if self.kind == KIND_NVFP4:
+            blocks = H // FP4_BLOCK
+            sf = (_round_up(M, 128), _round_up(blocks, 4)) if self.fp4_swizzled else (M, blocks)
+            return ((M, H // 2), jnp.dtype(jnp.uint8)), (sf, jnp.dtype(jnp.float8_e4m3fn))
+        codes = ((M, H), jnp.dtype(jnp.float8_e4m3fn))
+        if self.kind == KIND_FP8_STATIC:
+            return codes, None
+        if self.kind == KIND_FP8_PER_TOKEN:
+            return codes, ((M, 1), jnp.dtype(jnp.float32))
+        groups = H // self.group_size
+        return codes, (((groups, M) if self.scale_col else (M, groups)), jnp.dtype(jnp.float32))
+
+
+def static_part(spec) -> QuantStatic:
+    if isinstance(spec, Fp8PerGroup):
+        return QuantStatic(spec.kind, spec.group_size, bool(spec.ue8m0),
+                           spec.scale_layout == "col")
+    if isinstance(spec, NvFp4):
+        return QuantStatic(spec.kind, fp4_swizzled=spec.layout == "swizzled_128x4")
+    if isinstance(spec, (Fp8Static, Fp8PerToken)):
+        return QuantStatic(spec.kind)
+    raise TypeError(f"unknown quant spec {spec!r}")
+
+
+def output_shapes(spec, M: int, H: int):
+    """((quant shape, dtype), (scale shape, dtype) or None) for a spec and [M, H] rows."""
+    return static_part(spec).shapes(M, H)
+
+
+def swizzled_to_linear(sf, M: int, H: int):
+    """[roundup(M,128), roundup(H/16,4)] swizzled block scales -> [M, H/16] linear ones."""
+    blocks = H // FP4_BLOCK
+    mp, kp = sf.shape
+    # Row-major bytes follow (m//128, b//4, m%32, (m%128)//32, b%4).
+    tiles = jnp.reshape(sf, (mp // 128, kp // 4, 32, 4, 4))
+    linear = jnp.transpose(tiles, (0, 3, 2, 1, 4)).reshape(mp, kp)
+    return linear[:M, :blocks]
+
+
+def linear_to_swizzled(sf):
+    """[M, H/16] linear block scales -> the zero-padded swizzled 128x4 layout."""
+    M, blocks = sf.shape
+    mp, kp = _round_up(M, 128), _round_up(blocks, 4)
+    padded = jnp.zeros((mp, kp), sf.dtype).at[:M, :blocks].set(sf)
+    tiles = jnp.reshape(padded, (mp // 128, 4, 32, kp // 4, 4))
+    return jnp.transpose(tiles, (0, 3, 2, 1, 4)).reshape(mp, kp)
+
+
+_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def dequantize(out: FusedOutputs, quant) -> jax.Array:
+    """Float32 [M, H] values that ``out.quant`` (and ``out.scale``) encode under ``quant``."""
+    codes, scale = out.quant, out.scale
+    if codes is None:
+        raise ValueError("dequantize: out.quant is None (the call did not ask for 'quant')")
+    if isinstance(quant, Fp8Static):
+        return codes.astype(jnp.float32) * jnp.asarray(quant.scale, jnp.float32)
+    if isinstance(quant, Fp8PerToken):
+        return codes.astype(jnp.float32) * scale
+    if isinstance(quant, Fp8PerGroup):
+        s = scale if quant.scale_layout == "row" else scale.T
+        return (codes.astype(jnp.float32).reshape(s.shape[0], s.shape[1], quant.group_size)
+                * s[:, :, None]).reshape(codes.shape)
+    if isinstance(quant, NvFp4):
+        M, H = codes.shape[0], codes.shape[1] * 2
+        lo = codes & 0xF
+        hi = codes >> 4
+        idx = jnp.stack([lo, hi], axis=-1).reshape(M, H)
+        values = jnp.asarray(_E2M1_VALUES)[idx]
+        sf = scale if quant.layout == "linear" else swizzled_to_linear(scale, M, H)
+        sf = jnp.repeat(sf.astype(jnp.float32), FP4_BLOCK, axis=1)
+        return values * sf / jnp.asarray(quant.global_scale, jnp.float32)
+    raise TypeError(f"dequantize: unknown quant spec {quant!r}")

@@ -1,0 +1,152 @@
+"""Mesh + axis names -> device groups -> a native exchange workspace (created once).
+
+The CUDA lowering asks `plan` for a workspace able to carry one call of the
+given shape. A workspace covers every group of the mesh along the reduction
+axes (a 2x2 mesh reduced over "tp" has two groups), holds per device the
+peer-visible exchange buffers and counters, and lives until the process exits.
+It is created here, at lowering time on the host — never inside a captured
+region or a handler.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import threading
+
+import numpy as np
+
+from . import _native
+
+MAX_GROUP = 16           # ranks per group the kernel supports (kernels/fused.h kMaxRanks)
+MAX_ROW_BYTES = 96 * 1024  # one row of T is staged in shared memory
+MIN_SLOT_BYTES = 1 << 20
+ALGO_ONESHOT = 0           # kernels/fused.h Algorithm
+
+TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the CUDA lowering serves a call: a workspace id, or None and the reason why not."""
+
+    workspace_id: int | None
+    algorithm_code: int = ALGO_ONESHOT
+    reason: str = ""
+
+
+def device_groups(mesh, axes) -> list[tuple]:
+    """Devices of each reduction group, in rank order (row-major over `axes` as given,
+    the order of lax.axis_index and all_gather)."""
+    names = list(mesh.axis_names)
+    others = [n for n in names if n not in axes]
+    order = [names.index(n) for n in others] + [names.index(n) for n in axes]
+    devs = np.transpose(np.asarray(mesh.devices), order)
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    return [tuple(row) for row in devs.reshape(-1, n)]
+
+
+def timeout_seconds() -> float:
+    """Bound on every wait of the kernels, from $JAX_MOE_AR_TIMEOUT_S (default 10 s)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return value
+
+
+_lock = threading.Lock()
+_by_groups: dict[tuple, list[tuple[int, int]]] = {}  # groups -> [(slot_bytes, id)]
+_refused: dict[tuple, str] = {}
+
+
+def _unservable_reason(groups, H, itemsize) -> str | None:
+    import jax
+    if not getattr(_native, "with_cuda", False):
+        return "jax_moe_ar was built without CUDA kernels (no nvcc at build time)"
+    if len(groups[0]) > MAX_GROUP:
+        return f"group of {len(groups[0])} ranks (the kernel serves at most {MAX_GROUP})"
+    if H * itemsize > MAX_ROW_BYTES:
+        return f"rows of {H * itemsize} bytes (the kernel stages at most {MAX_ROW_BYTES})"
+    me = jax.process_index()
+    for g in groups:
+        if any(d.process_index != g[0].process_index for d in g):
+            return "a group spans several processes (not supported yet)"
+    for g in groups:
+        for d in g:
+            if d.process_index != me:
+                continue
+            cc = getattr(d, "compute_capability", None)
+            try:
+                major = int(str(cc).split(".")[0])
+            except ValueError:
+                major = 0
+            if major < 9:
+                return f"{d} has compute capability {cc}; the kernel needs sm_90 or newer"
+    return None
+
+
+def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str) -> Plan:
+    """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`."""
+    if algorithm == "twoshot":
+        return Plan(None, reason="the two-shot algorithm is not implemented yet")
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is None or not hasattr(mesh, "devices"):
+        return Plan(None, reason="the call is not inside jax.shard_map over a concrete mesh")
+    devices = list(np.asarray(mesh.devices).flat)
+    if any(d.platform != "gpu" for d in devices):
+        # Lowered for CUDA on a machine without those devices (jax.export,
+        # lower-only tests): no workspace can exist; the handler refuses to run.
+        return Plan(0, reason="lowered without CUDA devices")
+    groups = device_groups(mesh, axes)
+    reason = _unservable_reason(groups, H, np.dtype(dtype).itemsize)
+    if reason is not None:
+        return Plan(None, reason=reason)
+    ws, reason = _workspace_for(groups, M * H * np.dtype(dtype).itemsize)
+    return Plan(ws, reason=reason)
+
+
+def _workspace_for(groups, slot_bytes: int) -> tuple[int | None, str]:
+    """(id, "") of a workspace whose slots hold `slot_bytes`, or (None, why not)."""
+    import jax
+    me = jax.process_index()
+    local = tuple(tuple(d.local_hardware_id for d in g) for g in groups
+                  if g[0].process_index == me)
+    with _lock:
+        for cap, ws in _by_groups.get(local, []):
+            if cap >= slot_bytes:
+                return ws, ""
+        if local in _refused:
+            return None, _refused[local]
+        # Capacity grows in powers of two so a program recompiled for growing
+        # shapes creates few workspaces.
+        cap = max(MIN_SLOT_BYTES, 1 << (max(slot_bytes, 1) - 1).bit_length())
+        try:
+            ws = _native.workspace_create([list(g) for g in local], cap, timeout_seconds())
+        except RuntimeError as e:  # no peer access, allocation failure, ...
+            _refused[local] = str(e)
+            return None, str(e)
+        _by_groups.setdefault(local, []).append((cap, ws))
+        return ws, ""
+
+
+def check_errors() -> None:
+    """Raises RuntimeError if a kernel reported a failure (e.g. a peer that never arrived)."""
+    if not getattr(_native, "with_cuda", False):
+        return
+    errors = _native.take_errors()
+    if errors:
+        raise RuntimeError("jax_moe_ar: " + "; ".join(errors))
+
+
+def _release():
+    if getattr(_native, "with_cuda", False):
+        _native.destroy_all()
+
+
+atexit.register(_release)
