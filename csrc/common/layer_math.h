@@ -51,9 +51,15 @@ template <typename T> MAR_HD T residual_value(float y, float residual) {
   return from_f32<T>(add_rn(y, residual));
 }
 
+// Sum of squares of a row: each square rounded to float32, the sum carried in
+// float64 and rounded once. SPEC lets the order differ (norm within 1 ulp);
+// a float64 carry makes the result independent of order in practice, so CPU,
+// GPU and the oracle agree bit for bit almost always.
+MAR_HD double add_square(double acc, float r) { return acc + double(mul_rn(r, r)); }
+
 // inv = 1 / sqrt(sum_sq / H + eps).
-MAR_HD float rms_inv(float sum_sq, int64_t H, float eps) {
-  return div_rn(1.0f, sqrt_rn(add_rn(div_rn(sum_sq, float(H)), eps)));
+MAR_HD float rms_inv(double sum_sq, int64_t H, float eps) {
+  return div_rn(1.0f, sqrt_rn(add_rn(div_rn(float(sum_sq), float(H)), eps)));
 }
 
 // norm_out = rT((residual_out * inv) * (offset + gamma)).

@@ -105,7 +105,7 @@ void cpu_tail(const TailArgs& a) {
   }
   std::vector<float> res(static_cast<size_t>(H)), nrm(static_cast<size_t>(H));
   for (int64_t m = 0; m < M; ++m) {
-    float sum_sq = 0.0f;
+    double sum_sq = 0.0;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t i = m * H + h;
       float y = to_f32(parts[i]);
@@ -113,7 +113,7 @@ void cpu_tail(const TailArgs& a) {
       const T r = residual_value<T>(y, to_f32(residual[i]));
       if (a.residual_out) static_cast<T*>(a.residual_out)[i] = r;
       res[h] = to_f32(r);
-      sum_sq = add_rn(sum_sq, mul_rn(res[h], res[h]));
+      sum_sq = add_square(sum_sq, res[h]);
     }
     const float inv = rms_inv(sum_sq, H, c.eps);
     for (int64_t h = 0; h < H; ++h) {
