@@ -22,7 +22,15 @@ nb::capsule handler_capsule(Fn* fn) {
 }
 
 #if defined(JAX_MOE_AR_WITH_CUDA)
-void bind_workspace(nb::module_& m);
+void bind_workspace(nb::module_& m) {
+  m.def("workspace_create", &mar::runtime::create_workspace, nb::arg("groups"),
+        nb::arg("slot_bytes"), nb::arg("timeout_s"),
+        "Creates the exchange workspace of device groups (CUDA ordinals in rank order); "
+        "returns its id. Raises RuntimeError when the groups cannot be served.");
+  m.def("take_errors", &mar::runtime::take_errors,
+        "Failures the kernels reported since the last call (each returned once).");
+  m.def("destroy_all", &mar::runtime::destroy_all, "Frees every workspace.");
+}
 #endif
 
 }  // namespace

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "numerics.h"  // MAR_HD
+
 namespace mar {
 
 enum class QuantKind : int32_t {
@@ -36,7 +38,7 @@ struct OpConfig {
   float norm_weight_offset = 0.0f;
   int32_t group_size = 128;
 
-  bool has(OpFlag f) const { return (flags & f) != 0; }
+  MAR_HD bool has(OpFlag f) const { return (flags & f) != 0; }
 };
 
 inline bool quant_has_scale_output(QuantKind q) {

@@ -1,0 +1,94 @@
+// The one-shot exchange protocol (device code only).
+//
+// Every rank owns an exchange area in its own memory, split into kNumBuffers
+// rotating buffers of one slot per source rank. A call pushes its wire rows
+// into slot `rank` of every rank's current buffer (remote stores over NVLink)
+// and polls the slots of its own buffer. The data are their own flags
+// (Lamport): a slot element holds the sentinel — all bits set, a NaN — until
+// the peer's value lands. The sender replaces a wire value that happens to be
+// the sentinel by another NaN, so a real value never looks empty, and the
+// test is on bits: flushed subnormals, -0.0 and NaN payloads cannot stall it.
+// After reading, the reader writes the sentinel back; a peer can write the same
+// slot again only kNumBuffers calls later, after it has seen this rank's
+// pushes of the calls in between, which are ordered after that clear.
+#pragma once
+
+#include <cstdint>
+
+namespace mar {
+
+constexpr int kNumBuffers = 3;
+
+// Bytes of one rank's exchange area: kNumBuffers x nranks slots.
+inline uint64_t exchange_area_bytes(uint64_t nranks, uint64_t slot_bytes) {
+  return uint64_t(kNumBuffers) * nranks * slot_bytes;
+}
+
+}  // namespace mar
+
+#if defined(__CUDACC__)
+
+namespace mar {
+
+__device__ __forceinline__ uint4 ld_relaxed_sys(const void* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.sys.global.v4.b32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_relaxed_sys(void* p, uint4 v) {
+  asm volatile("st.relaxed.sys.global.v4.b32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_volatile_u32(const uint32_t* p) {
+  return *reinterpret_cast<const volatile uint32_t*>(p);
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+constexpr uint4 kSentinel4 = {0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu};
+
+// True while any element of the 16 bytes still holds the sentinel.
+template <int kElemBytes>
+__device__ __forceinline__ bool holds_sentinel(uint4 v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (kElemBytes == 4) {
+      any |= w[i] == 0xffffffffu;
+    } else {
+      any |= (w[i] & 0xffffu) == 0xffffu || (w[i] >> 16) == 0xffffu;
+    }
+  }
+  return any;
+}
+
+// Replaces any element equal to the sentinel by a positive quiet NaN.
+template <int kElemBytes>
+__device__ __forceinline__ uint4 avoid_sentinel(uint4 v) {
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (kElemBytes == 4) {
+      if (w[i] == 0xffffffffu) w[i] = 0x7fffffffu;
+    } else {
+      if ((w[i] & 0xffffu) == 0xffffu) w[i] = (w[i] & 0xffff0000u) | 0x7fffu;
+      if ((w[i] >> 16) == 0xffffu) w[i] = (w[i] & 0x0000ffffu) | 0x7fff0000u;
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+}  // namespace mar
+
+#endif  // __CUDACC__

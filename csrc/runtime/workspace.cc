@@ -1,0 +1,219 @@
+#include "workspace.h"
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <stdexcept>
+
+#include "../common/exchange.h"
+
+namespace mar::runtime {
+namespace {
+
+void check(cudaError_t e, const std::string& what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error
+    throw std::runtime_error(what + ": " + cudaGetErrorString(e));
+  }
+}
+
+// Restores the calling thread's current device on scope exit.
+struct DeviceGuard {
+  int saved = 0;
+  DeviceGuard() { cudaGetDevice(&saved); }
+  ~DeviceGuard() { cudaSetDevice(saved); }
+};
+
+struct Rank {
+  int device = -1;
+  int group = 0;
+  char* area = nullptr;
+  DeviceCounters* counters = nullptr;
+  ErrorRecord* host_error = nullptr;
+  bool reported = false;
+  ExchangeView view;
+};
+
+class Workspace {
+ public:
+  Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes, double timeout_s);
+  ~Workspace();
+
+  const Rank* rank_on(int ordinal) const {
+    for (const Rank& r : ranks_)
+      if (r.device == ordinal) return &r;
+    return nullptr;
+  }
+  std::string failure_of_group(int group) const;
+  void collect_errors(std::vector<std::string>* out);
+
+ private:
+  std::string describe(const Rank& r) const;
+  std::vector<Rank> ranks_;
+  uint64_t slot_bytes_;
+  double timeout_s_;
+};
+
+Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
+                     double timeout_s)
+    : slot_bytes_(slot_bytes), timeout_s_(timeout_s) {
+  DeviceGuard guard;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& devs = groups[g];
+    if (devs.empty() || devs.size() > size_t(kMaxRanks))
+      throw std::runtime_error("groups must hold 1 to " + std::to_string(kMaxRanks) + " GPUs");
+    for (int d : devs) {
+      Rank r;
+      r.device = d;
+      r.group = int(g);
+      ranks_.push_back(r);  // registered first so the destructor frees partial work
+      Rank& me = ranks_.back();
+      const std::string on = "GPU " + std::to_string(d);
+      check(cudaSetDevice(d), "cudaSetDevice(" + std::to_string(d) + ")");
+      int major = 0, sms = 0;
+      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d), on);
+      check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d), on);
+      if (major < 9) throw std::runtime_error(on + " is not sm_90 or newer");
+      const uint64_t bytes = exchange_area_bytes(devs.size(), slot_bytes);
+      check(cudaMalloc(&me.area, bytes), on + ": allocating " + std::to_string(bytes) +
+                                             " bytes of exchange buffers");
+      check(cudaMemset(me.area, 0xff, bytes), on + ": initialising exchange buffers");
+      check(cudaMalloc(&me.counters, sizeof(DeviceCounters)), on + ": counters");
+      check(cudaMemset(me.counters, 0, sizeof(DeviceCounters)), on + ": counters");
+      check(cudaHostAlloc(&me.host_error, sizeof(ErrorRecord),
+                          cudaHostAllocMapped | cudaHostAllocPortable),
+            on + ": error record");
+      *me.host_error = ErrorRecord{};
+      ErrorRecord* dev_error = nullptr;
+      check(cudaHostGetDevicePointer(&dev_error, me.host_error, 0), on + ": error record");
+      check(prepare_fused_kernels(), on + ": kernel attributes");
+      me.view.rank = 0;
+      me.view.nranks = int(devs.size());
+      me.view.slot_bytes = slot_bytes;
+      me.view.counters = me.counters;
+      me.view.error = dev_error;
+      me.view.timeout_ns = uint64_t(timeout_s * 1e9);
+      me.view.num_sms = sms;
+    }
+    // Peer access within the group, both directions.
+    for (int a : devs) {
+      for (int b : devs) {
+        if (a == b) continue;
+        int ok = 0;
+        check(cudaDeviceCanAccessPeer(&ok, a, b), "cudaDeviceCanAccessPeer");
+        if (!ok)
+          throw std::runtime_error("GPU " + std::to_string(a) + " cannot access GPU " +
+                                   std::to_string(b) + "'s memory (no peer access)");
+        check(cudaSetDevice(a), "cudaSetDevice");
+        cudaError_t e = cudaDeviceEnablePeerAccess(b, 0);
+        if (e == cudaErrorPeerAccessAlreadyEnabled) {
+          cudaGetLastError();
+        } else {
+          check(e, "enabling peer access from GPU " + std::to_string(a) + " to GPU " +
+                       std::to_string(b));
+        }
+      }
+    }
+  }
+  // Every rank sees every peer's area at the same (unified) address.
+  for (Rank& me : ranks_) {
+    int rank = 0;
+    for (const Rank& peer : ranks_) {
+      if (peer.group != me.group) continue;
+      if (peer.device == me.device) me.view.rank = rank;
+      me.view.areas[rank++] = peer.area;
+    }
+  }
+  for (const Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": initialisation");
+  }
+}
+
+Workspace::~Workspace() {
+  DeviceGuard guard;
+  for (Rank& r : ranks_) {
+    if (cudaSetDevice(r.device) != cudaSuccess) continue;
+    cudaDeviceSynchronize();
+    if (r.area) cudaFree(r.area);
+    if (r.counters) cudaFree(r.counters);
+    if (r.host_error) cudaFreeHost(r.host_error);
+  }
+  cudaGetLastError();
+}
+
+std::string Workspace::describe(const Rank& r) const {
+  const ErrorRecord& e = *r.host_error;
+  return "jax_moe_ar_fused_v1: rank " + std::to_string(e.rank) + " (GPU " +
+         std::to_string(r.device) + ") waited " + std::to_string(double(e.waited_ns) * 1e-9) +
+         " s for rank " + std::to_string(e.peer) + " at call #" + std::to_string(e.epoch) +
+         " of its group (bound " + std::to_string(timeout_s_) +
+         " s, $JAX_MOE_AR_TIMEOUT_S). Likely cause: the ranks of the group did not all run "
+         "the same jax_moe_ar calls (a data- or rank-dependent branch), or a GPU stalled. The "
+         "group's workspace is now unusable: its calls return NaN.";
+}
+
+std::string Workspace::failure_of_group(int group) const {
+  for (const Rank& r : ranks_) {
+    if (r.group != group) continue;
+    if (reinterpret_cast<const volatile ErrorRecord*>(r.host_error)->flag) return describe(r);
+  }
+  return "";
+}
+
+void Workspace::collect_errors(std::vector<std::string>* out) {
+  for (Rank& r : ranks_) {
+    if (r.reported || !reinterpret_cast<volatile ErrorRecord*>(r.host_error)->flag) continue;
+    r.reported = true;
+    out->push_back(describe(r));
+  }
+}
+
+std::mutex g_mu;
+std::map<int64_t, std::unique_ptr<Workspace>> g_workspaces;
+
+// Ids carry a per-process random prefix, so an id baked into a program
+// lowered by another process is never mistaken for one of ours.
+int64_t next_id() {
+  static const int64_t prefix = int64_t(std::random_device{}() & 0x7fffffu) << 24;
+  static int64_t counter = 0;
+  return prefix | (++counter);
+}
+
+}  // namespace
+
+int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
+                         double timeout_s) {
+  auto ws = std::make_unique<Workspace>(groups, slot_bytes, timeout_s);
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int64_t id = next_id();
+  g_workspaces.emplace(id, std::move(ws));
+  return id;
+}
+
+const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_workspaces.find(id);
+  if (it == g_workspaces.end()) return nullptr;
+  const Rank* r = it->second->rank_on(ordinal);
+  if (r == nullptr) return nullptr;
+  *failure = it->second->failure_of_group(r->group);
+  return &r->view;
+}
+
+std::vector<std::string> take_errors() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::vector<std::string> out;
+  for (auto& entry : g_workspaces) entry.second->collect_errors(&out);
+  return out;
+}
+
+void destroy_all() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_workspaces.clear();
+}
+
+}  // namespace mar::runtime

@@ -1,0 +1,31 @@
+// Exchange workspaces: per device group, peer-visible buffers and counters,
+// created once from Python at lowering time and alive until process exit.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../kernels/fused.h"
+
+namespace mar::runtime {
+
+// Creates a workspace covering `groups` (CUDA device ordinals in rank order),
+// each slot holding `slot_bytes`; returns its id. Throws std::runtime_error
+// naming the reason when the groups cannot be served (no peer access, not
+// sm_90, allocation failure); nothing is left allocated then.
+int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
+                         double timeout_s);
+
+// The view of workspace `id` for the device `ordinal`; nullptr when unknown.
+// `failure` receives a message when any rank of the device's group reported a
+// failure (the workspace is then poisoned).
+const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure);
+
+// Messages for failures not reported yet (each is returned once).
+std::vector<std::string> take_errors();
+
+// Frees every workspace (at exit): waits for each device, then releases.
+void destroy_all();
+
+}  // namespace mar::runtime
