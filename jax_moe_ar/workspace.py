@@ -22,7 +22,11 @@ from . import _native
 MAX_GROUP = 16           # ranks per group the kernel supports (kernels/fused.h kMaxRanks)
 MAX_ROW_BYTES = 96 * 1024  # one row of T is staged in shared memory
 MIN_SLOT_BYTES = 1 << 20
-ALGO_ONESHOT = 0           # kernels/fused.h Algorithm
+ALGO_ONESHOT, ALGO_TWOSHOT = 0, 1  # kernels/fused.h Algorithm
+
+# `auto` takes two-shot once a rank's partial is at least this many bytes
+# (measured: docs/perf.md). Static shapes only, so every rank decides alike.
+TWOSHOT_MIN_BYTES = 512 * 1024
 
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
@@ -35,6 +39,17 @@ class Plan:
     workspace_id: int | None
     algorithm_code: int = ALGO_ONESHOT
     reason: str = ""
+
+
+def choose_algorithm(algorithm: str, M: int, H: int, itemsize: int, ranks: int) -> int:
+    """The kernel `algorithm` ("auto", "oneshot", "twoshot") runs, from static shapes only."""
+    if algorithm == "oneshot":
+        return ALGO_ONESHOT
+    if algorithm == "twoshot":
+        return ALGO_TWOSHOT
+    if ranks <= 1 or M * H * itemsize < TWOSHOT_MIN_BYTES:
+        return ALGO_ONESHOT
+    return ALGO_TWOSHOT
 
 
 def device_groups(mesh, axes) -> list[tuple]:
@@ -93,22 +108,22 @@ def _unservable_reason(groups, H, itemsize) -> str | None:
 
 def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str) -> Plan:
     """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`."""
-    if algorithm == "twoshot":
-        return Plan(None, reason="the two-shot algorithm is not implemented yet")
     mesh = getattr(axis_context, "mesh", None)
     if mesh is None or not hasattr(mesh, "devices"):
         return Plan(None, reason="the call is not inside jax.shard_map over a concrete mesh")
     devices = list(np.asarray(mesh.devices).flat)
+    groups = device_groups(mesh, axes)
+    itemsize = np.dtype(dtype).itemsize
+    code = choose_algorithm(algorithm, M, H, itemsize, len(groups[0]))
     if any(d.platform != "gpu" for d in devices):
         # Lowered for CUDA on a machine without those devices (jax.export,
         # lower-only tests): no workspace can exist; the handler refuses to run.
-        return Plan(0, reason="lowered without CUDA devices")
-    groups = device_groups(mesh, axes)
-    reason = _unservable_reason(groups, H, np.dtype(dtype).itemsize)
+        return Plan(0, code, reason="lowered without CUDA devices")
+    reason = _unservable_reason(groups, H, itemsize)
     if reason is not None:
         return Plan(None, reason=reason)
-    ws, reason = _workspace_for(groups, M * H * np.dtype(dtype).itemsize)
-    return Plan(ws, reason=reason)
+    ws, reason = _workspace_for(groups, M * H * itemsize)
+    return Plan(ws, code, reason=reason)
 
 
 def _workspace_for(groups, slot_bytes: int) -> tuple[int | None, str]:

@@ -64,13 +64,13 @@ ffi::Error Fused(cudaStream_t stream, int32_t device, ffi::RemainingArgs args,
   a.scale_out = out_ptr(outs->scale_out);
   a.cfg = c;
 
-  const uint64_t need = uint64_t(a.M) * uint64_t(a.H) * ffi::ByteWidth(residual.element_type());
-  if (need > view->slot_bytes) {
-    return ffi::Error::InvalidArgument(
-        "jax_moe_ar_fused_v1: call needs " + std::to_string(need) + " bytes per slot, the "
-        "workspace holds " + std::to_string(view->slot_bytes));
-  }
-  const cudaError_t e = launch_fused(*t, a, *view, stream);
+  if (attrs.algorithm != int32_t(Algorithm::kOneShot) &&
+      attrs.algorithm != int32_t(Algorithm::kTwoShot))
+    return ffi::Error::InvalidArgument("jax_moe_ar_fused_v1: unknown algorithm code");
+  const Algorithm algorithm = Algorithm(attrs.algorithm);
+  if (const char* problem = fused_capacity_problem(*t, a, *view, algorithm))
+    return ffi::Error::InvalidArgument(std::string("jax_moe_ar_fused_v1: ") + problem);
+  const cudaError_t e = launch_fused(*t, a, *view, algorithm, stream);
   if (e != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_moe_ar_fused_v1: launch failed: ") +
                                 cudaGetErrorString(e));

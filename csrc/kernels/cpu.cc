@@ -4,13 +4,45 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #include "../common/layer_math.h"
 #include "../common/quant.h"
 
 namespace mar {
 
+namespace {
+
+// XLA's CPU runtime runs with denormals flushed (FTZ/DAZ); SPEC §3 is IEEE
+// float32 with subnormals. Clear the flush bits for the duration of a stage.
+class IeeeDenormals {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  IeeeDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~(0x8000u | 0x0040u)); }
+  ~IeeeDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#elif defined(__aarch64__)
+  IeeeDenormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    uint64_t v = saved_ & ~(uint64_t(1) << 24);  // FZ
+    asm volatile("msr fpcr, %0" ::"r"(v));
+  }
+  ~IeeeDenormals() { asm volatile("msr fpcr, %0" ::"r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
+
+}  // namespace
+
 template <typename T>
 void cpu_finalize(const FinalizeArgs& a) {
+  IeeeDenormals ieee;
   const T* x = static_cast<const T*>(a.expert_out);
   const T* shared = static_cast<const T*>(a.shared);
   T* wire = static_cast<T*>(a.wire);
@@ -93,6 +125,7 @@ void quantize_row(const TailArgs& a, int64_t m, const float* q) {
 
 template <typename T>
 void cpu_tail(const TailArgs& a) {
+  IeeeDenormals ieee;
   const OpConfig& c = a.cfg;
   const int64_t M = a.M, H = a.H, MH = M * H;
   const T* parts = static_cast<const T*>(a.partials);

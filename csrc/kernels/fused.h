@@ -14,7 +14,11 @@ namespace mar {
 constexpr int kMaxRanks = 16;
 
 // Algorithm codes (jax_moe_ar/workspace.py mirrors them).
-enum class Algorithm : int32_t { kOneShot = 0 };
+//   kOneShot: every rank pushes its whole partial to every rank and reduces all rows.
+//   kTwoShot: every rank pushes each row to the row's owner (reduce-scatter), owners
+//             reduce + norm + quantize their rows and push the *outputs* to every rank
+//             (all-gather of what was asked for: quantized bytes where only quant is).
+enum class Algorithm : int32_t { kOneShot = 0, kTwoShot = 1 };
 
 // Per-rank counters in device memory.
 struct DeviceCounters {
@@ -39,6 +43,8 @@ struct ExchangeView {
   int32_t nranks = 1;
   char* areas[kMaxRanks] = {};   // every rank's exchange area, as seen from this device
   uint64_t slot_bytes = 0;       // bytes of one (buffer, source rank) slot
+  char* gathers[kMaxRanks] = {}; // every rank's two-shot gather area (row flags, packets)
+  uint64_t gather_bytes = 0;
   DeviceCounters* counters = nullptr;
   ErrorRecord* error = nullptr;  // device alias of the host-mapped record
   uint64_t timeout_ns = 0;
@@ -68,7 +74,15 @@ struct FusedArgs {
 constexpr int kMaxRowBytes = 96 * 1024;
 cudaError_t prepare_fused_kernels();
 
+// Bytes of the gather area for slots of `slot_bytes`: row flags plus packets of
+// every output a row can carry (at most 3x the row's partial, see fused.cu).
+inline uint64_t gather_area_bytes(uint64_t slot_bytes) { return 3 * slot_bytes + slot_bytes / 8 + 4096; }
+
+// Checks that a call of `args` fits the workspace for `algorithm`; nullptr when it does.
+const char* fused_capacity_problem(DType t, const FusedArgs& args, const ExchangeView& view,
+                                   Algorithm algorithm);
+
 cudaError_t launch_fused(DType t, const FusedArgs& args, const ExchangeView& view,
-                         cudaStream_t stream);
+                         Algorithm algorithm, cudaStream_t stream);
 
 }  // namespace mar

@@ -31,6 +31,7 @@ struct Rank {
   int device = -1;
   int group = 0;
   char* area = nullptr;
+  char* gather = nullptr;
   DeviceCounters* counters = nullptr;
   ErrorRecord* host_error = nullptr;
   bool reported = false;
@@ -81,6 +82,11 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       check(cudaMalloc(&me.area, bytes), on + ": allocating " + std::to_string(bytes) +
                                              " bytes of exchange buffers");
       check(cudaMemset(me.area, 0xff, bytes), on + ": initialising exchange buffers");
+      const uint64_t gather_bytes = gather_area_bytes(slot_bytes);
+      check(cudaMalloc(&me.gather, gather_bytes), on + ": allocating " +
+                                                      std::to_string(gather_bytes) +
+                                                      " bytes of gather buffers");
+      check(cudaMemset(me.gather, 0, gather_bytes), on + ": initialising gather buffers");
       check(cudaMalloc(&me.counters, sizeof(DeviceCounters)), on + ": counters");
       check(cudaMemset(me.counters, 0, sizeof(DeviceCounters)), on + ": counters");
       check(cudaHostAlloc(&me.host_error, sizeof(ErrorRecord),
@@ -93,6 +99,7 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       me.view.rank = 0;
       me.view.nranks = int(devs.size());
       me.view.slot_bytes = slot_bytes;
+      me.view.gather_bytes = gather_bytes;
       me.view.counters = me.counters;
       me.view.error = dev_error;
       me.view.timeout_ns = uint64_t(timeout_s * 1e9);
@@ -124,6 +131,7 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
     for (const Rank& peer : ranks_) {
       if (peer.group != me.group) continue;
       if (peer.device == me.device) me.view.rank = rank;
+      me.view.gathers[rank] = peer.gather;
       me.view.areas[rank++] = peer.area;
     }
   }
@@ -139,6 +147,7 @@ Workspace::~Workspace() {
     if (cudaSetDevice(r.device) != cudaSuccess) continue;
     cudaDeviceSynchronize();
     if (r.area) cudaFree(r.area);
+    if (r.gather) cudaFree(r.gather);
     if (r.counters) cudaFree(r.counters);
     if (r.host_error) cudaFreeHost(r.host_error);
   }
