@@ -131,7 +131,17 @@ def _with_varying(aval, shape, dtype, varying):
 def _abstract_eval(*avals, cfg: OpConfig):
     res = _residual_aval(cfg, avals)
     M, H = res.shape
-    varying = frozenset().union(*(_varying(a) for a in avals)) - frozenset(cfg.axes)
+    axes = frozenset(cfg.axes)
+    # Like psum(partial) + residual: the reduction removes the group's axes from the
+    # partial's operands only. SPEC §2 asks for a residual, norm weight and quant scale
+    # equal on every rank; one merely typed varying along the group keeps the outputs
+    # typed varying, so check_vma never lets out_specs=P() pick one rank's values.
+    named = split_operands(cfg, avals)
+    replicated = ("residual", "norm_weight", "quant_scale")
+    reduced = [a for k, a in named.items() if k not in replicated and a is not None]
+    kept = [named[k] for k in replicated if named[k] is not None]
+    varying = ((frozenset().union(*(_varying(a) for a in reduced)) - axes)
+               | frozenset().union(*(_varying(a) for a in kept)))
     outs = [_with_varying(res, s, d, varying) for s, d in cfg.result_types(M, H, res.dtype)]
     return outs, {_core.NamedAxisEffect(a) for a in cfg.axes}
 

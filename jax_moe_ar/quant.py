@@ -168,9 +168,13 @@ def linear_to_swizzled(sf):
     """[M, H/16] linear block scales -> the zero-padded swizzled 128x4 layout."""
     M, blocks = sf.shape
     mp, kp = _round_up(M, 128), _round_up(blocks, 4)
-    padded = jnp.zeros((mp, kp), sf.dtype).at[:M, :blocks].set(sf)
-    tiles = jnp.reshape(padded, (mp // 128, 4, 32, kp // 4, 4))
-    return jnp.transpose(tiles, (0, 3, 2, 1, 4)).reshape(mp, kp)
+    # On the bytes, padded with jnp.pad: XLA's GPU compiler crashed (SIGSEGV, jax 0.11.2)
+    # on the float8 zeros().at[].set() this used to be, from M = 128 up.
+    bits = jax.lax.bitcast_convert_type(sf, jnp.uint8)
+    bits = jnp.pad(bits, ((0, mp - M), (0, kp - blocks)))
+    tiles = jnp.reshape(bits, (mp // 128, 4, 32, kp // 4, 4))
+    swz = jnp.transpose(tiles, (0, 3, 2, 1, 4)).reshape(mp, kp)
+    return jax.lax.bitcast_convert_type(swz, sf.dtype)
 
 
 _E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,

@@ -298,7 +298,8 @@ def gen_case(rng, mesh_case=None, *, N=None, n_groups=None, dtype=BF16, M=8, H=6
     if offset:
         nw = _normal(rng, (H,), nwt, 0.1)
     else:
-        nw = (np.float32(1.0) + rng.standard_normal(H, dtype=np.float32) * np.float32(0.1)).astype(nwt)
+        nw = np.float32(1.0) + rng.standard_normal(H, dtype=np.float32) * np.float32(0.1)
+        nw = nw.astype(nwt)
     return Case(dense=dense, dtype=dtype, N=N, M=M, H=H, K=K, P=P, groups=groups,
                 norm_weight=nw, has_scales=scales is not None, has_shared=shared, rsf=rsf,
                 eps=eps, offset=offset, quant=quant, outputs=outputs)

@@ -214,8 +214,9 @@ import os, sys, numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, {tests!r})
 from jax.sharding import PartitionSpec as P
 import jax_moe_ar as mar
-from jax_moe_ar.testing import N4, make_mesh, sharded
+from jax_moe_ar.testing import N2, N4, make_mesh, sharded
 from cases import BF16, Q, gen_case, run_case, check_against_oracle
+MC = N4 if len(jax.devices()) >= 4 else N2
 """
 
 
@@ -235,10 +236,11 @@ def test_command_buffers(flags):
     proc = _run_script("""
         rng = np.random.default_rng(5)
         for it in range(3):
-            case = gen_case(rng, N4, dtype=BF16, M=24, H=2048, K=8, scales="f32",
+            case = gen_case(rng, MC, dtype=BF16, M=24, H=2048, K=8, scales="f32",
                             quant=Q.nvfp4(), outputs=("residual", "norm", "quant"))
             for rep in range(3):
-                check_against_oracle(run_case(case, N4, platform="gpu", algorithm="oneshot")[0], case)
+                for algo in ("oneshot", "twoshot"):
+                    check_against_oracle(run_case(case, MC, platform="gpu", algorithm=algo)[0], case)
         mar.check_errors()
         print("OK")
     """, {"XLA_FLAGS": flags})
@@ -251,7 +253,8 @@ def test_missing_peer_times_out_with_clear_error():
     as a Python error naming the op — the process does not freeze."""
     proc = _run_script("""
         import time
-        mesh = make_mesh("gpu", N4)
+        mesh = make_mesh("gpu", MC)
+        n = MC.group
         def body(x, r, g):
             def call(x):
                 return mar.allreduce_rmsnorm(x, r, g, axis_name="tp", algorithm="oneshot").residual
@@ -259,13 +262,13 @@ def test_missing_peer_times_out_with_clear_error():
             out = jax.lax.cond(skip, lambda x: jnp.zeros_like(r), call, x)
             return out[None]
         f = sharded(body, mesh, (P("tp"), P(), P()), P("tp"), check_vma=False)
-        x = jnp.ones((4 * 8, 256), jnp.bfloat16)
+        x = jnp.ones((n * 8, 256), jnp.bfloat16)
         r = jnp.ones((8, 256), jnp.bfloat16)
         g = jnp.ones((256,), jnp.bfloat16)
         t = time.time()
         out = np.asarray(f(x, r, g), np.float32)
         print("elapsed", time.time() - t)
-        print("nan_ranks", [int(np.isnan(out[i]).all()) for i in range(4)])
+        print("nan_ranks", [int(np.isnan(out[i]).all()) for i in range(n)])
         try:
             mar.check_errors()
             print("NO ERROR")
@@ -280,7 +283,8 @@ def test_missing_peer_times_out_with_clear_error():
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-5000:]
     assert "ERROR: jax_moe_ar" in out and "jax_moe_ar_fused_v1" in out, out
-    assert "nan_ranks [0, 1, 1, 1]" in out, out
+    n = 4 if len(jax.devices("gpu")) >= 4 else 2
+    assert f"nan_ranks {[0] + [1] * (n - 1)}" in out, out
     assert "SECOND CALL ERROR" in out and "jax_moe_ar_fused_v1" in out, out
 
 
@@ -289,3 +293,24 @@ def test_demo_runs_fused_on_gpus():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu" in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("M", [128, 1000])
+def test_xla_path_nvfp4_swizzled_compiles_and_agrees(request, M):
+    """Regression: XLA's GPU compiler segfaulted on the plain-JAX NVFP4 swizzled path
+    (the `auto` fallback) from M = 128 up. It must compile, run, and agree with the fused
+    kernel up to the xla path's tolerance (it psums in T)."""
+    rng = _rng(request)
+    case = gen_case(rng, N2, dtype=BF16, M=M, H=H_REAL, K=8, quant=Q.nvfp4(),
+                    outputs=("residual", "norm", "quant"))
+    xla = run_case(case, N2, platform="gpu", algorithm="xla")[0]
+    fused = run_case(case, N2, platform="gpu", algorithm=ALGO)[0]
+    assert xla["scale"].shape == fused["scale"].shape
+    spec = case.quant.spec()
+    dq = lambda o: np.asarray(mar.dequantize(mar.FusedOutputs(None, None, o["quant"],
+                                                              o["scale"]), spec))
+    a, b = dq(xla), dq(fused)
+    assert np.isfinite(a).all()
+    # Same blocks, same scales up to rounding of the inputs: most values agree closely.
+    close = np.abs(a - b) <= 0.25 * np.abs(b) + 0.05
+    assert close.mean() > 0.97, close.mean()
