@@ -311,6 +311,7 @@ def test_xla_path_nvfp4_swizzled_compiles_and_agrees(request, M):
                                                               o["scale"]), spec))
     a, b = dq(xla), dq(fused)
     assert np.isfinite(a).all()
-    # Same blocks, same scales up to rounding of the inputs: most values agree closely.
-    close = np.abs(a - b) <= 0.25 * np.abs(b) + 0.05
-    assert close.mean() > 0.97, close.mean()
+    # The xla path rounds differently (it psums in T), so a value near an e2m1 decision
+    # point may land one code step away (steps are up to 50 % of the value); never more.
+    close = np.abs(a - b) <= 0.5 * np.maximum(np.abs(a), np.abs(b)) + 0.05
+    assert close.mean() > 0.999, close.mean()
