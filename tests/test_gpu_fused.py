@@ -311,7 +311,10 @@ def test_xla_path_nvfp4_swizzled_compiles_and_agrees(request, M):
                                                               o["scale"]), spec))
     a, b = dq(xla), dq(fused)
     assert np.isfinite(a).all()
-    # The xla path rounds differently (it psums in T), so a value near an e2m1 decision
-    # point may land one code step away (steps are up to 50 % of the value); never more.
-    close = np.abs(a - b) <= 0.5 * np.maximum(np.abs(a), np.abs(b)) + 0.05
-    assert close.mean() > 0.999, close.mean()
+    rel = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(y))
+    # Each path's codes encode its own norm_out within NVFP4's quantization error, and the
+    # two paths' dequantized values are as close as that error allows (the xla path rounds
+    # differently: it psums in T, so codes near a decision point may differ by one step).
+    assert rel(a, xla["norm"].astype(np.float32)) < 0.2
+    assert rel(b, fused["norm"].astype(np.float32)) < 0.2
+    assert rel(a, b) < 0.15
