@@ -130,6 +130,11 @@ def _empty(M, H, T, quant, outs):
     return FusedOutputs(res, norm, codes, scale)
 
 
+def _static_quant(quant, outs):
+    """The spec's static part when quant codes are asked for; otherwise no quantizer runs."""
+    return static_part(quant) if "quant" in outs else None
+
+
 def _use_xla(algorithm):
     return algorithm == "xla" or os.environ.get(FORCE_XLA_ENV, "0") not in ("", "0")
 
@@ -168,7 +173,7 @@ def moe_finalize_allreduce(expert_out, permuted_idx, residual, norm_weight, *, a
             routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, quant=quant,
             outputs=outs)
     cfg = primitives.OpConfig(
-        dense=False, axes=axes, outputs=outs, quant=static_part(quant) if "quant" in outs else None,
+        dense=False, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
         has_scales=expert_scales is not None, has_shared=shared_expert_out is not None,
         routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm)
     operands = [expert_out, permuted_idx, residual, norm_weight]
@@ -192,7 +197,7 @@ def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_wei
         return reference.allreduce_rmsnorm(x, residual, norm_weight, axis_name=axes, eps=eps,
                                            norm_weight_offset=offset, quant=quant, outputs=outs)
     cfg = primitives.OpConfig(
-        dense=True, axes=axes, outputs=outs, quant=static_part(quant) if "quant" in outs else None,
+        dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
         has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
         norm_weight_offset=offset, algorithm=algorithm)
     return primitives.bind(cfg, [x, residual, norm_weight], scale_operand(quant))

@@ -23,6 +23,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from . import _native, reference, workspace
+from . import quant as qm
 from .quant import KIND_NONE, FusedOutputs, QuantStatic
 
 # Bits of csrc/common/config.h OpFlag.
@@ -166,7 +167,6 @@ def bind(cfg: OpConfig, operands, quant_scale) -> FusedOutputs:
 # ---- plain-JAX implementation (default lowering and fallback) -----------------------
 
 def _quant_spec_for_reference(q: QuantStatic, quant_scale):
-    from . import quant as qm
     if q.kind == qm.KIND_FP8_STATIC:
         return qm.Fp8Static(quant_scale)
     if q.kind == qm.KIND_FP8_PER_TOKEN:

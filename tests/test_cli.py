@@ -6,17 +6,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, timeout=120):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the CLI asks for its own CPU devices
-    proc = subprocess.run([sys.executable, "-m", "jax_moe_ar", *args], cwd=REPO, env=env,
+    # Run from outside the source tree, as a user would: `python -m` puts the working
+    # directory first on sys.path, and the source tree has no compiled module after a
+    # non-editable install.
+    proc = subprocess.run([sys.executable, "-m", "jax_moe_ar", *args], cwd=tempfile.gettempdir(),
+                          env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc
 

@@ -223,7 +223,7 @@ MC = N4 if len(jax.devices()) >= 4 else N2
 def _run_script(body: str, env_extra: dict, timeout=300):
     env = dict(os.environ, **env_extra)
     code = _SCRIPT_PRELUDE.format(tests=os.path.dirname(__file__)) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -289,7 +289,7 @@ def test_missing_peer_times_out_with_clear_error():
 
 
 def test_demo_runs_fused_on_gpus():
-    proc = subprocess.run([sys.executable, "-m", "jax_moe_ar", "demo"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "jax_moe_ar", "demo"], cwd="/", capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu" in proc.stdout.lower()

@@ -181,7 +181,8 @@ except RuntimeError as e:
     print("ERROR:", e)
 """
     env = dict(os.environ, JAX_MOE_AR_TIMEOUT_S="2")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
+                          text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "nan_ranks [1, 1, 0, 1]" in proc.stdout, proc.stdout
