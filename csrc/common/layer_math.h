@@ -14,21 +14,41 @@ MAR_HD bool valid_expert_row(int32_t p, int64_t P) { return p >= 0 && int64_t(p)
 // Finalize V adjacent columns of one token:
 //   acc = sum_k (w_k * x[p_k]) in k order, skipping invalid p_k;
 //   acc = acc * routed_scaling_factor; acc += shared (unscaled).
-// load_row(p, x) fills x[0..V) with float32 values of expert_out[p, cols];
-// weight(k) returns the router weight of slot k as float32 (1 if absent).
-template <int V, typename LoadRow, typename Weight>
+// The K slots go in chunks of kChunk: the indices, weights and rows of a chunk
+// are all fetched before the first is accumulated, so on a GPU their loads are
+// in flight together (the rounding order is still k order).
+// load_row(p) returns row p's raw data for these columns (any copyable type);
+// unpack(raw, x) fills x[0..V) with its float32 values; weight(k) returns the
+// router weight of slot k as float32 (1 if absent).
+template <int V, int kChunk = 8, typename Weight, typename LoadRow, typename Unpack>
 MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int64_t P,
-                             Weight weight, LoadRow load_row) {
+                             Weight weight, LoadRow load_row, Unpack unpack) {
+  using Raw = decltype(load_row(int32_t(0)));
   MAR_UNROLL
   for (int j = 0; j < V; ++j) acc[j] = 0.0f;
-  for (int k = 0; k < K; ++k) {
-    int32_t p = idx_row[k];
-    if (!valid_expert_row(p, P)) continue;
-    float w = weight(k);
-    float x[V];
-    load_row(p, x);
-  MAR_UNROLL
-    for (int j = 0; j < V; ++j) acc[j] = add_rn(acc[j], mul_rn(w, x[j]));
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    bool ok[kChunk];
+    int32_t p[kChunk];
+    MAR_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      p[i] = k0 + i < K ? idx_row[k0 + i] : -1;
+      ok[i] = valid_expert_row(p[i], P);
+    }
+    float w[kChunk];
+    Raw raw[kChunk];
+    MAR_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      w[i] = ok[i] ? weight(k0 + i) : 0.0f;
+      raw[i] = ok[i] ? load_row(p[i]) : Raw{};
+    }
+    MAR_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      if (!ok[i]) continue;
+      float x[V];
+      unpack(raw[i], x);
+      MAR_UNROLL
+      for (int j = 0; j < V; ++j) acc[j] = add_rn(acc[j], mul_rn(w[i], x[j]));
+    }
   }
 }
 

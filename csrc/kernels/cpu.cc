@@ -53,8 +53,9 @@ void cpu_finalize(const FinalizeArgs& a) {
     };
     for (int64_t h = 0; h < a.H; ++h) {
       float acc[1];
-      finalize_columns<1>(acc, idx_row, int(a.K), a.P, weight,
-                          [&](int32_t p, float (&v)[1]) { v[0] = to_f32(x[p * a.H + h]); });
+      finalize_columns<1>(
+          acc, idx_row, int(a.K), a.P, weight, [&](int32_t p) { return x[p * a.H + h]; },
+          [](T raw, float (&v)[1]) { v[0] = to_f32(raw); });
       float sh[1];
       if (shared) sh[0] = to_f32(shared[m * a.H + h]);
       finalize_scale_and_shared<1>(acc, a.routed_scaling_factor, shared ? sh : nullptr);

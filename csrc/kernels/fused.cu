@@ -1,397 +1,173 @@
 // The fused kernels: finalize + all-reduce + residual + RMSNorm + quant in one
 // launch per GPU, one-shot or two-shot (see Algorithm in fused.h).
 //
-// Grid: at most one block per SM, so every block of every rank is resident and
-// the cross-rank waits cannot deadlock on scheduling; a block loops over rows
-// m = blockIdx.x, +gridDim.x, ... Every phase that waits depends only on
-// phases that do not wait (pushes), so all waits end.
-// Push: a block finalizes rows and stores them, 16 bytes at a time, into slot
-//       `rank` of the current exchange buffer of every rank (one-shot) or of
-//       the row's owner (two-shot).
-// Reduce (reduce_row): per row, each thread polls the N slots of its own
-//       buffer for its 16-byte columns, sums them in rank order, adds the
-//       residual, and stages residual_out in shared memory; a block reduction
-//       gives the RMS, then norm_out is written and the quantizer reads the
-//       staged row.
-// Gather (two-shot): the owner copies its rows' outputs into a packet in every
-//       rank's gather area and raises the row's flag to epoch+1 (release);
-//       the others wait for the flag (acquire) and copy the packet out.
+// Grid: one block per row, at most one per SM of the group's smallest GPU, the
+// same on every rank; every block of every rank is resident, so the
+// cross-rank waits cannot deadlock on scheduling. Block b takes rows b, b+G, ...
+// and pushes row m+G before it reduces row m, so a block only ever waits for
+// rows every rank's block b pushed one step earlier (and, two-shot, for a
+// packet the owner's block b sends in the same step): all waits end.
+// Push (push_row): this rank's 16-byte wire vectors of a row, two per thread
+//       at a time (their expert-row loads overlap), into slot `rank` of the
+//       current exchange buffer of every rank (one-shot) or of the row's owner
+//       (two-shot). The data are their own flags (Lamport).
+// Reduce (reduce_vectors): each thread reads all N slots of its columns at
+//       once, waits for those still empty, sums them in rank order and adds
+//       the residual. The row tail (row.cuh) stages residual_out, then norms
+//       and quantizes.
+// Gather (two-shot): the owner of a row stores its residual_out into a packet
+//       in every peer's gather area and raises the row's flag to epoch+1
+//       (release); each peer waits for the flag (acquire), reads the packet and
+//       runs the same row tail itself, so only 2 bytes per element of T travel
+//       back. When only quantized outputs are asked, the packet carries the
+//       codes and scales instead.
 // The math is common/ (the CPU path runs the same functions); this file only
 // decides who computes what.
 #include <algorithm>
 
-#include "../common/exchange.h"
-#include "../common/layer_math.h"
-#include "../common/quant.h"
-#include "fused.h"
+#include "row.cuh"
 
+#ifndef MAR_KCHUNK
+#define MAR_KCHUNK 8
+#endif
 namespace mar {
 namespace {
 
-constexpr int kMaxThreads = 512;
-constexpr int kMaxWarps = kMaxThreads / 32;
-
-// 16 bytes <-> V float32 values of T.
-template <typename T> struct Pack;
-
-template <> struct Pack<float> {
-  static constexpr int V = 4;
-  __device__ static void unpack(uint4 u, float (&f)[V]) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-  }
-  __device__ static uint4 pack(const float (&f)[V]) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
-                      __float_as_uint(f[3]));
-  }
-};
-
-template <typename T16> struct Pack16 {
-  static constexpr int V = 8;
-  __device__ static void unpack(uint4 u, float (&f)[V]) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = to_f32(T16{uint16_t(w[i / 2] >> (16 * (i % 2)))});
-  }
-  // Rounds each value to T (rT).
-  __device__ static uint4 pack(const float (&f)[V]) {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      w[i] = uint32_t(from_f32<T16>(f[2 * i]).bits) |
-             (uint32_t(from_f32<T16>(f[2 * i + 1]).bits) << 16);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
-template <> struct Pack<bf16_t> : Pack16<bf16_t> {};
-template <> struct Pack<f16_t> : Pack16<f16_t> {};
-
-__device__ __forceinline__ uint4 ldg16(const void* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
-// ---- reductions (fixed order, so every rank gets the same bits) -------------
-__device__ __forceinline__ double block_sum(double v, double* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // `red` may still be read from the previous use
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double t = 0.0;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) t += red[i];
-  return t;
-}
-
-__device__ __forceinline__ float warp_nan_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float block_nan_max(float v, float* red) {
-  v = warp_nan_max(v);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = 0.0f;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) t = nan_max(t, red[i]);
-  return t;
-}
+using namespace dev;
 
 // ---- phase 1: this rank's wire values for 16 bytes of row m ------------------
 template <typename T>
-__device__ uint4 wire_vector(const FusedArgs& a, int64_t m, int64_t h0) {
+__device__ __forceinline__ uint4 wire_vector(const FusedArgs& a, int64_t m, int64_t h0) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
   const T* base = static_cast<const T*>(a.partial);
   if (a.cfg.has(kDense)) return ldg16(base + m * a.H + h0);
   float acc[V];
-  finalize_columns<V>(
+  finalize_columns<V, MAR_KCHUNK>(
       acc, a.idx + m * a.K, int(a.K), a.P,
       [&](int k) { return a.scales ? load_f32(a.scales, a.scales_dtype, m * a.K + k) : 1.0f; },
-      [&](int32_t p, float (&x)[V]) { PK::unpack(ldg16(base + int64_t(p) * a.H + h0), x); });
+      [&](int32_t p) { return ldg16(base + int64_t(p) * a.H + h0); },
+      [](uint4 u, float (&x)[V]) { PK::unpack(u, x); });
   float sh[V];
   if (a.shared) PK::unpack(ldg16(static_cast<const T*>(a.shared) + m * a.H + h0), sh);
   finalize_scale_and_shared<V>(acc, a.cfg.routed_scaling_factor, a.shared ? sh : nullptr);
   return PK::pack(acc);
 }
 
-// ---- bounded waits -------------------------------------------------------------
-// Called every 256 spins of a wait: true when the wait must end — this rank
-// already failed (the workspace is poisoned), or the bound passed, in which
-// case the first thread to notice records the failure for the host.
-__device__ bool wait_expired(const ExchangeView& x, uint64_t t0, int peer, uint32_t epoch) {
-  if (ld_volatile_u32(&x.counters->status) != 0u) return true;
-  const uint64_t waited = global_timer_ns() - t0;
-  if (waited <= x.timeout_ns) return false;
-  if (atomicCAS(&x.counters->status, 0u, 1u) == 0u) {
-    x.error->rank = x.rank;
-    x.error->peer = peer;
-    x.error->epoch = epoch;
-    x.error->waited_ns = waited;
-    __threadfence_system();
-    *reinterpret_cast<volatile int32_t*>(&x.error->flag) = 1;
-  }
-  return true;
-}
-
-// 16 bytes of a Lamport slot once no element holds the sentinel. On failure
-// the sentinel (a NaN) is returned and flows into the outputs, which become NaN.
-template <int kElemBytes>
-__device__ uint4 poll_slot(const char* p, const ExchangeView& x, uint64_t t0, int peer,
-                           uint32_t epoch) {
-  uint4 d = ld_relaxed_sys(p);
-  uint32_t spins = 0;
-  while (holds_sentinel<kElemBytes>(d)) {
-    if ((++spins & 255u) == 0u && wait_expired(x, t0, peer, epoch)) return d;
-    d = ld_relaxed_sys(p);
-  }
-  return d;
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Waits until *flag == want; false when the wait failed.
-__device__ bool wait_flag(const uint32_t* flag, uint32_t want, const ExchangeView& x,
-                          uint64_t t0, int peer, uint32_t epoch) {
-  uint32_t spins = 0;
-  while (ld_acquire_sys(flag) != want) {
-    if ((++spins & 255u) == 0u && wait_expired(x, t0, peer, epoch)) return false;
-  }
-  return true;
-}
-
-// ---- quantizers over the staged row ------------------------------------------
+// Pushes row m of this rank's wire values into slot `rank` of the current
+// buffer of ranks [first, first + n_dst): two vectors per thread at a time,
+// so the expert-row loads of both are in flight together.
 template <typename T>
-__device__ void write_fp8_codes(uint8_t* out, const T* row, int64_t H, float inv_scale) {
-  for (int64_t h = int64_t(threadIdx.x) * 8; h < H; h += int64_t(blockDim.x) * 8) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      lo |= uint32_t(fp8_code(to_f32(row[h + j]), inv_scale)) << (8 * j);
-      hi |= uint32_t(fp8_code(to_f32(row[h + 4 + j]), inv_scale)) << (8 * j);
+__device__ __forceinline__ void push_row(const FusedArgs& a, const ExchangeView& x,
+                                         const CallState& st, int64_t m, int first, int n_dst) {
+  constexpr int V = Pack<T>::V;
+  const int64_t HV = a.H / V, bd = blockDim.x;
+  const uint64_t at = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes + uint64_t(m * HV) * 16u;
+  for (int64_t v0 = threadIdx.x; v0 < HV; v0 += 2 * bd) {
+    const int64_t v1 = v0 + bd;
+    const bool has1 = v1 < HV;
+    const uint4 w0 = avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m, v0 * V));
+    const uint4 w1 = has1 ? avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m, v1 * V)) : w0;
+    for (int s = first; s < first + n_dst; ++s) {
+      st_relaxed_sys(x.areas[s] + at + uint64_t(v0) * 16u, w0);
+      if (has1) st_relaxed_sys(x.areas[s] + at + uint64_t(v1) * 16u, w1);
     }
-    *reinterpret_cast<uint2*>(out + h) = make_uint2(lo, hi);
   }
 }
 
+// residual_out vectors v0 and (if has1) v1 of row m, packed: reads the N slots
+// of both from this rank's buffer at once (4 ranks at a time), waits for those
+// still empty, clears them, sums in rank order and adds the residual.
 template <typename T>
-__device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float thread_amax,
-                             float* red) {
-  const OpConfig& c = a.cfg;
-  const int64_t H = a.H;
-  switch (c.quant) {
-    case QuantKind::kFp8Static:
-      write_fp8_codes(a.quant_out + m * H, row, H, div_rn(1.0f, a.quant_scale[0]));
-      break;
-    case QuantKind::kFp8PerToken: {
-      const float s = fp8_scale(block_nan_max(thread_amax, red));
-      if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[m] = s;
-      write_fp8_codes(a.quant_out + m * H, row, H, div_rn(1.0f, s));
-      break;
-    }
-    case QuantKind::kFp8PerGroup: {
-      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-      const int64_t gs = c.group_size, G = H / gs;
-      for (int64_t g = warp; g < G; g += nwarps) {
-        const T* grp = row + g * gs;
-        float amax = 0.0f;
-        for (int64_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
-        float s = fp8_scale(warp_nan_max(amax));
-        if (c.has(kUe8m0)) s = ue8m0_round(s);
-        const float inv = div_rn(1.0f, s);
-        if (lane == 0) static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * a.M + m : m * G + g] = s;
-        uint8_t* out = a.quant_out + m * H + g * gs;
-        for (int64_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
-      }
-      break;
-    }
-    case QuantKind::kNvFp4: {
-      const float gsc = a.quant_scale[0];
-      const int64_t nb = H / kFp4Block;
-      const bool swz = c.has(kFp4Swizzled);
-      uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
-      for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
-        float v[kFp4Block];
-        float vmax = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kFp4Block; ++j) {
-          v[j] = to_f32(row[b * kFp4Block + j]);
-          vmax = nan_max(vmax, abs_f32(v[j]));
-        }
-        const uint8_t sf = nvfp4_scale_code(vmax, gsc);
-        const float os = nvfp4_out_scale(sf, gsc);
-        uint32_t w[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < kFp4Block; j += 2) {
-          const uint32_t byte = nvfp4_code(v[j], os) | (nvfp4_code(v[j + 1], os) << 4);
-          w[j / 8] |= byte << (8 * ((j / 2) % 4));
-        }
-        *reinterpret_cast<uint2*>(a.quant_out + m * (H / 2) + b * 8) = make_uint2(w[0], w[1]);
-        sf_out[swz ? swizzled_128x4_offset(m, b, H) : m * nb + b] = sf;
-      }
-      if (swz) {  // padding blocks of this row
-        for (int64_t b = nb + threadIdx.x; b < round_up(nb, 4); b += blockDim.x)
-          sf_out[swizzled_128x4_offset(m, b, H)] = 0;
-      }
-      break;
-    }
-    case QuantKind::kNone:
-      break;
-  }
-}
-
-// ---- one row's reduce + tail -------------------------------------------------------
-// Polls the N slots of row m in this rank's buffer, sums in rank order, adds
-// the residual, normalizes and quantizes; writes every asked output of row m.
-// `row` is the block's shared staging row. Ends with a block barrier.
-template <typename T>
-__device__ void reduce_row(const FusedArgs& a, const ExchangeView& x, int64_t m,
-                           uint64_t slot0, uint64_t t0, uint32_t epoch, bool poisoned, T* row,
-                           double* red_d, float* red_f) {
+__device__ __forceinline__ void reduce_vectors(const FusedArgs& a, const ExchangeView& x,
+                                               const CallState& st, int64_t m, int64_t v0,
+                                               int64_t v1, bool has1, uint4 (&out)[2]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-  const OpConfig& c = a.cfg;
-  const int64_t H = a.H, HV = H / V;
-  double sum_sq = 0.0;
-  for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
-    const uint64_t elem = uint64_t(m * H + v * V) * sizeof(T);
-    float y[V];
-    for (int s = 0; s < x.nranks; ++s) {
-      char* p = x.areas[x.rank] + (slot0 + uint64_t(s)) * x.slot_bytes + elem;
-      const uint4 d = poisoned ? kSentinel4 : poll_slot<sizeof(T)>(p, x, t0, s, epoch);
-      if (!poisoned) st_relaxed_sys(p, kSentinel4);
-      float f[V];
-      PK::unpack(d, f);
+  const T* res = static_cast<const T*>(a.residual) + m * a.H;
+  const uint4 rv[2] = {ldg16(res + v0 * V), has1 ? ldg16(res + v1 * V) : kSentinel4};
+  const uint64_t e[2] = {uint64_t(m * a.H + v0 * V) * sizeof(T),
+                         uint64_t(m * a.H + v1 * V) * sizeof(T)};
+  const char* mine = x.areas[x.rank] + st.slot0 * x.slot_bytes;
+  const int nb = has1 ? 2 : 1;
+  float y[2][V];
+  for (int s0 = 0; s0 < x.nranks; s0 += 4) {
+    uint4 d[4][2];
 #pragma unroll
-      for (int j = 0; j < V; ++j) y[j] = s == 0 ? f[j] : rank_sum_step(y[j], f[j]);
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const bool live = s0 + i < x.nranks && b < nb && !st.poisoned;
+        d[i][b] = live ? ld_relaxed_sys(mine + uint64_t(s0 + i) * x.slot_bytes + e[b])
+                       : kSentinel4;
+      }
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int s = s0 + i;
+      if (s >= x.nranks) break;
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        if (b >= nb) break;
+        uint4 dv = d[i][b];
+        if (!st.poisoned) {
+          char* p = const_cast<char*>(mine) + uint64_t(s) * x.slot_bytes + e[b];
+          dv = wait_slot<sizeof(T)>(dv, p, x, st, s);
+          st_relaxed_sys(p, kSentinel4);
+        }
+        float f[V];
+        PK::unpack(dv, f);
+#pragma unroll
+        for (int j = 0; j < V; ++j) y[b][j] = s == 0 ? f[j] : rank_sum_step(y[b][j], f[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
     float r[V];
-    PK::unpack(ldg16(static_cast<const T*>(a.residual) + m * H + v * V), r);
+    PK::unpack(rv[b], r);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      r[j] = to_f32(residual_value<T>(y[j], r[j]));
-      sum_sq = add_square(sum_sq, r[j]);
-    }
-    const uint4 packed = PK::pack(r);  // exact: the values are already T
-    if (a.residual_out)
-      *reinterpret_cast<uint4*>(static_cast<T*>(a.residual_out) + m * H + v * V) = packed;
-    *reinterpret_cast<uint4*>(row + v * V) = packed;
+    for (int j = 0; j < V; ++j) r[j] = to_f32(residual_value<T>(y[b][j], r[j]));
+    out[b] = PK::pack(r);  // exact: the values are already T
   }
-  const float inv = rms_inv(block_sum(sum_sq, red_d), H, c.eps);
-  float amax = 0.0f;
-  for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
-    float r[V];
-    PK::unpack(*reinterpret_cast<const uint4*>(row + v * V), r);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float g = load_f32(a.gamma, a.gamma_dtype, v * V + j);
-      r[j] = to_f32(norm_value<T>(r[j], inv, c.norm_weight_offset, g));
-      amax = nan_max(amax, abs_f32(r[j]));
-    }
-    const uint4 packed = PK::pack(r);
-    if (a.norm_out)
-      *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + m * H + v * V) = packed;
-    *reinterpret_cast<uint4*>(row + v * V) = packed;
-  }
-  if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
-    __syncthreads();  // the quantizers read columns other threads staged
-    quantize_row<T>(a, m, row, amax, red_f);
-  }
-  __syncthreads();  // the next row overwrites `row`
-}
-
-// Zero scale padding of the swizzled NVFP4 layout: rows [M, roundup(M,128)).
-__device__ void zero_swizzle_padding_rows(const FusedArgs& a) {
-  const OpConfig& c = a.cfg;
-  if (!(c.has(kOutQuant) && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled))) return;
-  const int64_t nb_pad = round_up(a.H / kFp4Block, 4);
-  uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
-  for (int64_t m = a.M + blockIdx.x; m < round_up(a.M, 128); m += gridDim.x)
-    for (int64_t b = threadIdx.x; b < nb_pad; b += blockDim.x)
-      sf_out[swizzled_128x4_offset(m, b, a.H)] = 0;
-}
-
-// The last block to finish advances the epoch: the next call on this stream
-// uses the next buffer. Every block read `epoch` before arriving.
-__device__ void finish_call(const ExchangeView& x, uint32_t epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&x.counters->arrived, 1u) == gridDim.x - 1) {
-      x.counters->arrived = 0u;
-      x.counters->epoch = epoch + 1u;
-      __threadfence();
-    }
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void push_row(const FusedArgs& a, const ExchangeView& x, int64_t m,
-                                         uint64_t slot0, int first_dst, int n_dst) {
-  constexpr int V = Pack<T>::V;
-  const int64_t HV = a.H / V;
-  for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
-    const uint4 w = avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m, v * V));
-    const uint64_t off = (slot0 + uint64_t(x.rank)) * x.slot_bytes +
-                         uint64_t(m * a.H + v * V) * sizeof(T);
-    for (int s = first_dst; s < first_dst + n_dst; ++s) st_relaxed_sys(x.areas[s] + off, w);
-  }
-}
-
-// Shared state every kernel reads at entry.
-struct CallState {
-  uint32_t epoch;
-  bool poisoned;  // an earlier wait timed out: exchange nothing, outputs become NaN
-  uint64_t slot0; // slot index of (current buffer, rank 0)
-  uint64_t t0;
-};
-
-__device__ CallState begin_call(const ExchangeView& x) {
-  CallState s;
-  s.epoch = ld_volatile_u32(&x.counters->epoch);
-  s.poisoned = ld_volatile_u32(&x.counters->status) != 0u;
-  s.slot0 = uint64_t(s.epoch % kNumBuffers) * uint64_t(x.nranks);
-  s.t0 = global_timer_ns();
-  return s;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    oneshot_kernel(const FusedArgs a, const ExchangeView x) {
+    oneshot_kernel(const __grid_constant__ FusedArgs a, const __grid_constant__ ExchangeView x) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
+  T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
-  if (!st.poisoned)
-    for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) push_row<T>(a, x, m, st.slot0, 0, x.nranks);
-  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x)
-    reduce_row<T>(a, x, m, st.slot0, st.t0, st.epoch, st.poisoned, reinterpret_cast<T*>(smem),
-                  red_d, red_f);
+  // Block b takes rows b, b + G, ...: it pushes row m + G before reducing row m,
+  // so its stores of the next row drain while it waits for and reduces this
+  // one. G is the same on every rank, so the row a block waits for was pushed
+  // by the same block of every rank one step earlier: no wait cycle.
+  const int64_t G = gridDim.x;
+  if (!st.poisoned && blockIdx.x < a.M) push_row<T>(a, x, st, blockIdx.x, 0, x.nranks);
   zero_swizzle_padding_rows(a);
+  for (int64_t m = blockIdx.x; m < a.M; m += G) {
+    if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, 0, x.nranks);
+    const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+      reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
+    });
+    finish_row<T>(a, m, row, sq, red_d, red_f);
+  }
   finish_call(x, st.epoch);
 }
 
 // ---- two-shot gather packets ---------------------------------------------------------
-// A row's packet: [residual | norm | codes | scales] of what was asked for, each
-// section padded to 16 bytes. Row flags (uint32, value epoch+1 once the packet
-// of that call landed) sit at the start of the gather area, packets after.
+// Row flags (uint32, value epoch+1 once the packet of that call landed) sit at
+// the start of the gather area, packets after. A row's packet is its
+// residual_out in T when residual or norm is asked (every rank then runs the
+// row tail itself), else its quant codes and scales, each section padded to 16 bytes.
 struct Packet {
-  uint64_t res = 0, norm = 0, codes = 0, scales = 0, bytes = 0;  // section offsets, size
-  uint64_t res_bytes = 0, code_bytes = 0;
+  bool residual = false;
+  uint64_t bytes = 0;                     // bytes of one row's packet
+  uint64_t code_bytes = 0, scales = 0;    // codes mode: code bytes, offset of the scales
   int64_t n_scales = 0;
-  int scale_bytes = 0;  // bytes of one scale element
+  int scale_bytes = 0;                    // bytes of one scale element
   uint64_t flags_bytes = 0;
 };
 
@@ -399,22 +175,18 @@ __host__ __device__ inline Packet packet_of(const FusedArgs& a, int elem_bytes) 
   const OpConfig& c = a.cfg;
   Packet p;
   auto pad = [](uint64_t b) { return (b + 15) / 16 * 16; };
-  uint64_t at = 0;
-  p.res_bytes = uint64_t(a.H) * uint64_t(elem_bytes);
-  if (a.residual_out) { p.res = at; at += pad(p.res_bytes); }
-  if (a.norm_out) { p.norm = at; at += pad(p.res_bytes); }
-  if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
+  p.flags_bytes = (uint64_t(a.M) * 4 + 255) / 256 * 256;
+  if (a.residual_out || a.norm_out) {
+    p.residual = true;
+    p.bytes = pad(uint64_t(a.H) * uint64_t(elem_bytes));
+  } else if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
     p.code_bytes = c.quant == QuantKind::kNvFp4 ? uint64_t(a.H) / 2 : uint64_t(a.H);
-    p.codes = at;
-    at += pad(p.code_bytes);
     if (c.quant == QuantKind::kFp8PerToken) { p.n_scales = 1; p.scale_bytes = 4; }
     if (c.quant == QuantKind::kFp8PerGroup) { p.n_scales = a.H / c.group_size; p.scale_bytes = 4; }
     if (c.quant == QuantKind::kNvFp4) { p.n_scales = a.H / kFp4Block; p.scale_bytes = 1; }
-    p.scales = at;
-    at += pad(uint64_t(p.n_scales) * uint64_t(p.scale_bytes));
+    p.scales = pad(p.code_bytes);
+    p.bytes = p.scales + pad(uint64_t(p.n_scales) * uint64_t(p.scale_bytes));
   }
-  p.bytes = at;
-  p.flags_bytes = (uint64_t(a.M) * 4 + 255) / 256 * 256;
   return p;
 }
 
@@ -433,35 +205,47 @@ __device__ __forceinline__ int64_t scale_index(const FusedArgs& a, int64_t m, in
   }
 }
 
-__device__ __forceinline__ uint2 ld_relaxed_sys8(const void* p) {
-  uint2 v;
-  asm volatile("ld.relaxed.sys.global.v2.b32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)
-               : "memory");
-  return v;
+__device__ __forceinline__ char* packet_at(const ExchangeView& x, int rank, const Packet& pk,
+                                           int64_t m) {
+  return x.gathers[rank] + pk.flags_bytes + uint64_t(m) * pk.bytes;
+}
+
+// Owner side, after every thread stored its part of row m's packet into every
+// peer: raise the row's flag there once those stores are visible.
+__device__ __forceinline__ void publish_row(const ExchangeView& x, int64_t m, uint32_t epoch) {
+  __threadfence_system();  // each thread's packet stores before the flag
+  __syncthreads();
+  if (threadIdx.x < x.nranks && int(threadIdx.x) != x.rank)
+    st_release_sys(reinterpret_cast<uint32_t*>(x.gathers[threadIdx.x]) + m, epoch + 1u);
+}
+
+// Receiver side: block-wide wait for row m's flag; false if the wait failed.
+__device__ __forceinline__ bool await_row(const ExchangeView& x, int64_t m, int owner,
+                                          const CallState& st, int* ok_flag) {
+  if (threadIdx.x == 0) {
+    const uint32_t* flag = reinterpret_cast<const uint32_t*>(x.gathers[x.rank]) + m;
+    *ok_flag = !st.poisoned && wait_flag(flag, st.epoch + 1u, x, st, owner);
+  }
+  __syncthreads();
+  return *ok_flag != 0;
 }
 
 // Copies `bytes` (a multiple of 8) from src to dst with 8-byte relaxed system-scope
-// accesses (one side is a peer's or a peer-written buffer).
+// loads (the source is a peer-written buffer, or one about to be sent).
 __device__ __forceinline__ void copy8(char* dst, const char* src, uint64_t bytes) {
   for (uint64_t i = uint64_t(threadIdx.x) * 8; i < bytes; i += uint64_t(blockDim.x) * 8)
     *reinterpret_cast<uint2*>(dst + i) = ld_relaxed_sys8(src + i);
 }
 
-// Owner side: row m's outputs (just written by this block) into every peer's packet.
-template <typename T>
-__device__ void send_packet(const FusedArgs& a, const ExchangeView& x, const Packet& pk,
-                            int64_t m, uint32_t epoch) {
-  const uint64_t at = pk.flags_bytes + uint64_t(m) * pk.bytes;
+// Codes mode, owner side: row m's codes and scales (just written by this block)
+// into every peer's packet, then the flag.
+__device__ void send_codes(const FusedArgs& a, const ExchangeView& x, const Packet& pk, int64_t m,
+                           uint32_t epoch) {
+  __syncthreads();  // the row's codes and scales were written by other threads
   for (int p = 0; p < x.nranks; ++p) {
     if (p == x.rank) continue;
-    char* dst = x.gathers[p] + at;
-    if (a.residual_out)
-      copy8(dst + pk.res, static_cast<const char*>(a.residual_out) + m * pk.res_bytes, pk.res_bytes);
-    if (a.norm_out)
-      copy8(dst + pk.norm, static_cast<const char*>(a.norm_out) + m * pk.res_bytes, pk.res_bytes);
-    if (pk.code_bytes)
-      copy8(dst + pk.codes, reinterpret_cast<const char*>(a.quant_out) + m * pk.code_bytes,
-            pk.code_bytes);
+    char* dst = packet_at(x, p, pk, m);
+    copy8(dst, reinterpret_cast<const char*>(a.quant_out) + m * pk.code_bytes, pk.code_bytes);
     for (int64_t j = threadIdx.x; j < pk.n_scales; j += blockDim.x) {
       const int64_t i = scale_index(a, m, j);
       if (pk.scale_bytes == 4)
@@ -470,36 +254,22 @@ __device__ void send_packet(const FusedArgs& a, const ExchangeView& x, const Pac
         reinterpret_cast<uint8_t*>(dst + pk.scales)[j] = static_cast<const uint8_t*>(a.scale_out)[i];
     }
   }
-  __threadfence_system();  // each thread's packet stores before the flag
-  __syncthreads();
-  if (threadIdx.x < x.nranks && int(threadIdx.x) != x.rank)
-    st_release_sys(reinterpret_cast<uint32_t*>(x.gathers[threadIdx.x]) + m, epoch + 1u);
+  publish_row(x, m, epoch);
 }
 
-// Receiver side: waits for row m's packet from its owner and copies it out. On
-// failure the row's outputs are filled with 0xff bytes (NaN in every float format).
-template <typename T>
-__device__ void receive_packet(const FusedArgs& a, const ExchangeView& x, const Packet& pk,
-                               int64_t m, int owner, const CallState& st, int* ok_flag) {
-  if (threadIdx.x == 0) {
-    const uint32_t* flag = reinterpret_cast<const uint32_t*>(x.gathers[x.rank]) + m;
-    *ok_flag = !st.poisoned && wait_flag(flag, st.epoch + 1u, x, st.t0, owner, st.epoch);
+// Codes mode, receiver side: row m's codes and scales out of the packet. On
+// failure they are filled with 0xff bytes (NaN in every scale format).
+__device__ void receive_codes(const FusedArgs& a, const ExchangeView& x, const Packet& pk,
+                              int64_t m, int owner, const CallState& st, int* ok_flag) {
+  const bool ok = await_row(x, m, owner, st, ok_flag);
+  const char* src = packet_at(x, x.rank, pk, m);
+  char* dst = reinterpret_cast<char*>(a.quant_out) + m * pk.code_bytes;
+  if (ok) {
+    copy8(dst, src, pk.code_bytes);
+  } else {
+    for (uint64_t i = uint64_t(threadIdx.x) * 8; i < pk.code_bytes; i += uint64_t(blockDim.x) * 8)
+      *reinterpret_cast<uint2*>(dst + i) = make_uint2(~0u, ~0u);
   }
-  __syncthreads();
-  const bool ok = *ok_flag != 0;
-  const char* src = x.gathers[x.rank] + pk.flags_bytes + uint64_t(m) * pk.bytes;
-  auto take = [&](void* out, uint64_t section, uint64_t bytes, int64_t row) {
-    char* dst = static_cast<char*>(out) + row * bytes;
-    if (ok) {
-      copy8(dst, src + section, bytes);
-    } else {
-      for (uint64_t i = uint64_t(threadIdx.x) * 8; i < bytes; i += uint64_t(blockDim.x) * 8)
-        *reinterpret_cast<uint2*>(dst + i) = make_uint2(~0u, ~0u);
-    }
-  };
-  if (a.residual_out) take(a.residual_out, pk.res, pk.res_bytes, m);
-  if (a.norm_out) take(a.norm_out, pk.norm, pk.res_bytes, m);
-  if (pk.code_bytes) take(a.quant_out, pk.codes, pk.code_bytes, m);
   for (int64_t j = threadIdx.x; j < pk.n_scales; j += blockDim.x) {
     const int64_t i = scale_index(a, m, j);
     if (pk.scale_bytes == 4) {
@@ -511,57 +281,94 @@ __device__ void receive_packet(const FusedArgs& a, const ExchangeView& x, const 
     }
   }
   const OpConfig& c = a.cfg;
-  if (pk.code_bytes && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled)) {
-    const int64_t nb = a.H / kFp4Block;
-    for (int64_t b = nb + threadIdx.x; b < round_up(nb, 4); b += blockDim.x)
-      static_cast<uint8_t*>(a.scale_out)[swizzled_128x4_offset(m, b, a.H)] = 0;
-  }
+  if (c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled))
+    zero_swizzle_padding_columns(static_cast<uint8_t*>(a.scale_out), m, a.H);
   __syncthreads();  // *ok_flag is reused by the next row
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    twoshot_kernel(const FusedArgs a, const ExchangeView x) {
+    twoshot_kernel(const __grid_constant__ FusedArgs a, const __grid_constant__ ExchangeView x) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
   __shared__ int ok_flag;
+  T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
   // Rows are owned in contiguous chunks: rank r owns [r*chunk, min(M, (r+1)*chunk)).
-  const int64_t chunk = (a.M + x.nranks - 1) / x.nranks;
+  const uint32_t chunk = uint32_t((a.M + x.nranks - 1) / x.nranks);
   const int64_t lo = int64_t(x.rank) * chunk < a.M ? int64_t(x.rank) * chunk : a.M;
   const int64_t hi = lo + chunk < a.M ? lo + chunk : a.M;
-  if (!st.poisoned)
-    for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x)
-      push_row<T>(a, x, m, st.slot0, int(m / chunk), 1);
-  const Packet pk = packet_of(a, int(sizeof(T)));
-  for (int64_t m = lo + blockIdx.x; m < hi; m += gridDim.x) {
-    reduce_row<T>(a, x, m, st.slot0, st.t0, st.epoch, st.poisoned, reinterpret_cast<T*>(smem),
-                  red_d, red_f);
-    if (!st.poisoned) send_packet<T>(a, x, pk, m, st.epoch);
-  }
-  const int64_t others = a.M - (hi - lo);
-  for (int64_t i = blockIdx.x; i < others; i += gridDim.x) {
-    const int64_t m = i < lo ? i : i + (hi - lo);
-    receive_packet<T>(a, x, pk, m, int(m / chunk), st, &ok_flag);
-  }
+  auto owner = [chunk](int64_t m) { return int(m / chunk); };
+  // Block b takes rows b, b + G, ... as in the one-shot kernel: it pushes row
+  // m + G to its owner, then either reduces row m (owned here) and sends its
+  // packet, or waits for row m's packet from its owner and finishes the row.
+  // The owner's block b reduces row m after every rank's block b pushed it one
+  // step earlier, so no wait depends on a later step of any block.
+  const int64_t G = gridDim.x;
+  if (!st.poisoned && blockIdx.x < a.M)
+    push_row<T>(a, x, st, blockIdx.x, owner(blockIdx.x), 1);
   zero_swizzle_padding_rows(a);
+  const Packet pk = packet_of(a, int(sizeof(T)));
+  const bool send = pk.residual && !st.poisoned;
+  for (int64_t m = blockIdx.x; m < a.M; m += G) {
+    if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, owner(m + G), 1);
+    if (m >= lo && m < hi) {
+      const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+        reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
+        if (!send) return;
+        for (int p = 0; p < x.nranks; ++p) {
+          if (p == x.rank) continue;
+          char* dst = packet_at(x, p, pk, m);
+          *reinterpret_cast<uint4*>(dst + v0 * 16) = out[0];
+          if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16) = out[1];
+        }
+      });
+      if (send) publish_row(x, m, st.epoch);
+      finish_row<T>(a, m, row, sq, red_d, red_f);
+      if (pk.code_bytes && !st.poisoned) send_codes(a, x, pk, m, st.epoch);
+    } else if (!pk.residual) {
+      receive_codes(a, x, pk, m, owner(m), st, &ok_flag);
+    } else {
+      const bool ok = await_row(x, m, owner(m), st, &ok_flag);
+      const char* src = packet_at(x, x.rank, pk, m);
+      const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+        out[0] = ok ? ld_relaxed_sys(src + v0 * 16) : kSentinel4;
+        out[1] = ok && has1 ? ld_relaxed_sys(src + v1 * 16) : kSentinel4;
+      });
+      finish_row<T>(a, m, row, sq, red_d, red_f);  // its barriers also protect ok_flag
+    }
+  }
   finish_call(x, st.epoch);
+}
+
+// Threads per block: enough that a row's H/V vectors take at most two per
+// thread (one batch of stage_row and push_row). Grid: one block per row, at
+// most one per SM of the group's smallest GPU — a function of the shapes and
+// the group only, so every rank launches the same grid (the kernels' row
+// schedule relies on it).
+struct Geometry {
+  int threads, grid;
+};
+
+template <typename T>
+Geometry geometry_of(const FusedArgs& a, const ExchangeView& x) {
+  const int64_t vectors = a.H / Pack<T>::V;
+  const int64_t threads =
+      std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up((vectors + 1) / 2, 32)));
+  return {int(threads), int(std::min<int64_t>(a.M, x.group_sms))};
 }
 
 template <typename T>
 cudaError_t launch_typed(const FusedArgs& a, const ExchangeView& x, Algorithm algo,
                          cudaStream_t stream) {
-  const int64_t vectors = a.H / Pack<T>::V;
-  const int threads =
-      int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up(vectors, 32))));
-  const int grid = int(std::min<int64_t>(a.M, x.num_sms));
+  const Geometry g = geometry_of<T>(a, x);
   const size_t smem = size_t(a.H) * sizeof(T);
   if (smem > size_t(kMaxRowBytes)) return cudaErrorInvalidValue;
   if (algo == Algorithm::kTwoShot) {
-    twoshot_kernel<T><<<grid, threads, smem, stream>>>(a, x);
+    twoshot_kernel<T><<<g.grid, g.threads, smem, stream>>>(a, x);
   } else {
-    oneshot_kernel<T><<<grid, threads, smem, stream>>>(a, x);
+    oneshot_kernel<T><<<g.grid, g.threads, smem, stream>>>(a, x);
   }
   return cudaGetLastError();
 }
@@ -588,9 +395,10 @@ static int elem_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 const char* fused_capacity_problem(DType t, const FusedArgs& a, const ExchangeView& x,
                                    Algorithm algorithm) {
-  if (uint64_t(a.M) * uint64_t(a.H) * uint64_t(elem_bytes(t)) > x.slot_bytes)
+  const uint64_t row_bytes = uint64_t(a.H) * uint64_t(elem_bytes(t));
+  if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
-  if (uint64_t(a.H) * uint64_t(elem_bytes(t)) > uint64_t(kMaxRowBytes))
+  if (row_bytes > uint64_t(kMaxRowBytes))
     return "rows are wider than the kernel's shared-memory staging";
   if (algorithm == Algorithm::kTwoShot) {
     const Packet pk = packet_of(a, elem_bytes(t));

@@ -48,7 +48,7 @@ struct ExchangeView {
   DeviceCounters* counters = nullptr;
   ErrorRecord* error = nullptr;  // device alias of the host-mapped record
   uint64_t timeout_ns = 0;
-  int32_t num_sms = 1;
+  int32_t group_sms = 1;        // SMs of the group's smallest GPU (sets the grid)
 };
 
 struct FusedArgs {

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -103,7 +104,7 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       me.view.counters = me.counters;
       me.view.error = dev_error;
       me.view.timeout_ns = uint64_t(timeout_s * 1e9);
-      me.view.num_sms = sms;
+      me.view.group_sms = sms;  // lowered to the group's minimum below
     }
     // Peer access within the group, both directions.
     for (int a : devs) {
@@ -125,15 +126,19 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       }
     }
   }
-  // Every rank sees every peer's area at the same (unified) address.
+  // Every rank sees every peer's area at the same (unified) address, and
+  // launches the grid of the group's smallest GPU.
   for (Rank& me : ranks_) {
     int rank = 0;
+    int32_t sms = me.view.group_sms;
     for (const Rank& peer : ranks_) {
       if (peer.group != me.group) continue;
       if (peer.device == me.device) me.view.rank = rank;
       me.view.gathers[rank] = peer.gather;
       me.view.areas[rank++] = peer.area;
+      sms = std::min(sms, peer.view.group_sms);
     }
+    me.view.group_sms = sms;
   }
   for (const Rank& r : ranks_) {
     check(cudaSetDevice(r.device), "cudaSetDevice");

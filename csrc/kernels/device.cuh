@@ -1,0 +1,183 @@
+// Device building blocks of the fused kernels: 16-byte packs of T, loads and
+// stores with the scopes the exchange needs, fixed-order block reductions and
+// the bounded waits. No op logic here (that is fused.cu and row.cuh).
+#pragma once
+
+#include "../common/exchange.h"
+#include "../common/numerics.h"
+#include "fused.h"
+
+namespace mar {
+namespace dev {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+
+// 16 bytes <-> V float32 values of T.
+template <typename T> struct Pack;
+
+template <> struct Pack<float> {
+  static constexpr int V = 4;
+  __device__ static void unpack(uint4 u, float (&f)[V]) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  }
+  __device__ static uint4 pack(const float (&f)[V]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+  }
+};
+
+template <typename T16> struct Pack16 {
+  static constexpr int V = 8;
+  __device__ static void unpack(uint4 u, float (&f)[V]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < V; ++i) f[i] = to_f32(T16{uint16_t(w[i / 2] >> (16 * (i % 2)))});
+  }
+  // Rounds each value to T (rT).
+  __device__ static uint4 pack(const float (&f)[V]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = uint32_t(from_f32<T16>(f[2 * i]).bits) |
+             (uint32_t(from_f32<T16>(f[2 * i + 1]).bits) << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <> struct Pack<bf16_t> : Pack16<bf16_t> {};
+template <> struct Pack<f16_t> : Pack16<f16_t> {};
+
+// Read-only input data (never written during the kernel).
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ uint2 ld_relaxed_sys8(const void* p) {
+  uint2 v;
+  asm volatile("ld.relaxed.sys.global.v2.b32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// ---- reductions (fixed order, so every rank gets the same bits) -------------
+__device__ __forceinline__ double block_sum(double v, double* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // `red` may still be read from the previous use
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double t = 0.0;
+  for (int i = 0; i < int(blockDim.x >> 5); ++i) t += red[i];
+  return t;
+}
+
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float block_nan_max(float v, float* red) {
+  v = warp_nan_max(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.0f;
+  for (int i = 0; i < int(blockDim.x >> 5); ++i) t = nan_max(t, red[i]);
+  return t;
+}
+
+// ---- per-call state ------------------------------------------------------------
+struct CallState {
+  uint32_t epoch;
+  bool poisoned;   // an earlier wait timed out: exchange nothing, outputs become NaN
+  uint64_t slot0;  // slot index of (current buffer, rank 0)
+  uint64_t t0;     // start of the call, for the wait bound
+};
+
+__device__ __forceinline__ CallState begin_call(const ExchangeView& x) {
+  CallState s;
+  s.epoch = ld_volatile_u32(&x.counters->epoch);
+  s.poisoned = ld_volatile_u32(&x.counters->status) != 0u;
+  s.slot0 = uint64_t(s.epoch % kNumBuffers) * uint64_t(x.nranks);
+  s.t0 = global_timer_ns();
+  return s;
+}
+
+// The last block to finish advances the epoch: the next call on this stream
+// uses the next buffer. Every block read `epoch` before arriving.
+__device__ __forceinline__ void finish_call(const ExchangeView& x, uint32_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&x.counters->arrived, 1u) == gridDim.x - 1) {
+      x.counters->arrived = 0u;
+      x.counters->epoch = epoch + 1u;
+      __threadfence();
+    }
+  }
+}
+
+// ---- bounded waits -------------------------------------------------------------
+// Called every 256 spins of a wait: true when the wait must end — this rank
+// already failed (the workspace is poisoned), or the bound passed, in which
+// case the first thread to notice records the failure for the host.
+__device__ __noinline__ bool wait_expired(const ExchangeView& x, const CallState& st, int peer) {
+  if (ld_volatile_u32(&x.counters->status) != 0u) return true;
+  const uint64_t waited = global_timer_ns() - st.t0;
+  if (waited <= x.timeout_ns) return false;
+  if (atomicCAS(&x.counters->status, 0u, 1u) == 0u) {
+    x.error->rank = x.rank;
+    x.error->peer = peer;
+    x.error->epoch = st.epoch;
+    x.error->waited_ns = waited;
+    __threadfence_system();
+    *reinterpret_cast<volatile int32_t*>(&x.error->flag) = 1;
+  }
+  return true;
+}
+
+// 16 bytes of a Lamport slot at p, given a first read d of it: re-reads until no
+// element holds the sentinel. On failure the sentinel (a NaN) is returned and
+// flows into the outputs, which become NaN.
+template <int kElemBytes>
+__device__ __forceinline__ uint4 wait_slot(uint4 d, const char* p, const ExchangeView& x,
+                                           const CallState& st, int peer) {
+  uint32_t spins = 0;
+  while (holds_sentinel<kElemBytes>(d)) {
+    if ((++spins & 255u) == 0u && wait_expired(x, st, peer)) return kSentinel4;
+    d = ld_relaxed_sys(p);
+  }
+  return d;
+}
+
+// Waits until *flag == want; false when the wait failed.
+__device__ __forceinline__ bool wait_flag(const uint32_t* flag, uint32_t want,
+                                          const ExchangeView& x, const CallState& st, int peer) {
+  uint32_t spins = 0;
+  while (ld_acquire_sys(flag) != want) {
+    if ((++spins & 255u) == 0u && wait_expired(x, st, peer)) return false;
+  }
+  return true;
+}
+
+}  // namespace dev
+}  // namespace mar

@@ -1,0 +1,207 @@
+// The tail of one token row, run by one block: stage residual_out in shared
+// memory (stage_row), then RMSNorm and the quantizers over the staged row
+// (finish_row). Every rank that produces a row's outputs runs exactly this
+// code with the same block shape, so the sum of squares — and so norm_out and
+// the quant outputs — come out bit-identical on every rank.
+#pragma once
+
+#include "../common/layer_math.h"
+#include "../common/quant.h"
+#include "device.cuh"
+
+namespace mar {
+namespace dev {
+
+// gamma[v*V .. v*V+V) as float32; gamma is T or float32 (SPEC §2).
+template <typename T>
+__device__ __forceinline__ void load_gamma(const FusedArgs& a, int64_t v, float (&g)[Pack<T>::V]) {
+  constexpr int V = Pack<T>::V;
+  if (a.gamma_dtype == DType::kF32) {
+    const float* p = static_cast<const float*>(a.gamma) + v * V;
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      float f[4];
+      Pack<float>::unpack(ldg16(p + 4 * q), f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[4 * q + j] = f[j];
+    }
+  } else {
+    Pack<T>::unpack(ldg16(static_cast<const T*>(a.gamma) + v * V), g);
+  }
+}
+
+__device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, int64_t H) {
+  const int64_t bytes = H * (a.gamma_dtype == DType::kF32 ? 4 : 2);
+  for (int64_t b = int64_t(threadIdx.x) * 128; b < bytes; b += int64_t(blockDim.x) * 128)
+    prefetch_l1(static_cast<const char*>(a.gamma) + b);
+}
+
+// ---- quantizers over the staged row ------------------------------------------
+template <typename T>
+__device__ void write_fp8_codes(uint8_t* out, const T* row, int64_t H, float inv_scale) {
+  for (int64_t h = int64_t(threadIdx.x) * 8; h < H; h += int64_t(blockDim.x) * 8) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      lo |= uint32_t(fp8_code(to_f32(row[h + j]), inv_scale)) << (8 * j);
+      hi |= uint32_t(fp8_code(to_f32(row[h + 4 + j]), inv_scale)) << (8 * j);
+    }
+    *reinterpret_cast<uint2*>(out + h) = make_uint2(lo, hi);
+  }
+}
+
+// Zero bytes of the swizzled NVFP4 scale layout in row m's padding columns
+// [H/16, roundup(H/16, 4)).
+__device__ __forceinline__ void zero_swizzle_padding_columns(uint8_t* sf_out, int64_t m,
+                                                             int64_t H) {
+  const int64_t nb = H / kFp4Block;
+  for (int64_t b = nb + threadIdx.x; b < round_up(nb, 4); b += blockDim.x)
+    sf_out[swizzled_128x4_offset(m, b, H)] = 0;
+}
+
+template <typename T>
+__device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float thread_amax,
+                             float* red) {
+  const OpConfig& c = a.cfg;
+  const int64_t H = a.H;
+  switch (c.quant) {
+    case QuantKind::kFp8Static:
+      write_fp8_codes(a.quant_out + m * H, row, H, div_rn(1.0f, a.quant_scale[0]));
+      break;
+    case QuantKind::kFp8PerToken: {
+      const float s = fp8_scale(block_nan_max(thread_amax, red));
+      if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[m] = s;
+      write_fp8_codes(a.quant_out + m * H, row, H, div_rn(1.0f, s));
+      break;
+    }
+    case QuantKind::kFp8PerGroup: {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+      const int64_t gs = c.group_size, G = H / gs;
+      for (int64_t g = warp; g < G; g += nwarps) {
+        const T* grp = row + g * gs;
+        float amax = 0.0f;
+        for (int64_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
+        float s = fp8_scale(warp_nan_max(amax));
+        if (c.has(kUe8m0)) s = ue8m0_round(s);
+        const float inv = div_rn(1.0f, s);
+        if (lane == 0)
+          static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * a.M + m : m * G + g] = s;
+        uint8_t* out = a.quant_out + m * H + g * gs;
+        for (int64_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
+      }
+      break;
+    }
+    case QuantKind::kNvFp4: {
+      const float gsc = a.quant_scale[0];
+      const int64_t nb = H / kFp4Block;
+      const bool swz = c.has(kFp4Swizzled);
+      uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
+      for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
+        float v[kFp4Block];
+        float vmax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kFp4Block; ++j) {
+          v[j] = to_f32(row[b * kFp4Block + j]);
+          vmax = nan_max(vmax, abs_f32(v[j]));
+        }
+        const uint8_t sf = nvfp4_scale_code(vmax, gsc);
+        const float os = nvfp4_out_scale(sf, gsc);
+        uint32_t w[2] = {0u, 0u};
+#pragma unroll
+        for (int j = 0; j < kFp4Block; j += 2) {
+          const uint32_t byte = nvfp4_code(v[j], os) | (nvfp4_code(v[j + 1], os) << 4);
+          w[j / 8] |= byte << (8 * ((j / 2) % 4));
+        }
+        *reinterpret_cast<uint2*>(a.quant_out + m * (H / 2) + b * 8) = make_uint2(w[0], w[1]);
+        sf_out[swz ? swizzled_128x4_offset(m, b, H) : m * nb + b] = sf;
+      }
+      if (swz) zero_swizzle_padding_columns(sf_out, m, H);
+      break;
+    }
+    case QuantKind::kNone:
+      break;
+  }
+}
+
+// Zero the swizzled NVFP4 scale rows [M, roundup(M, 128)), spread over the
+// whole grid, one 32-bit word (4 blocks of one row) per store.
+__device__ __forceinline__ void zero_swizzle_padding_rows(const FusedArgs& a) {
+  const OpConfig& c = a.cfg;
+  if (!(c.has(kOutQuant) && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled))) return;
+  const uint32_t M = uint32_t(a.M);
+  const uint32_t kt = uint32_t((a.H + 63) / 64);  // 4-block column tiles
+  const uint32_t words = (uint32_t(round_up(a.M, 128)) - M) * kt;
+  uint32_t* sf = static_cast<uint32_t*>(a.scale_out);
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x) {
+    const uint32_t m = M + i / kt, tile = i % kt;
+    sf[((m / 128) * kt * 512 + tile * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4) / 4] = 0u;
+  }
+}
+
+// ---- the row tail --------------------------------------------------------------
+// Stage residual_out of row m: fetch(v0, v1, has1, out) returns the packed
+// residual_out vectors v0 and (if has1) v1; they are written to residual_out
+// (if asked) and to the shared staging row. Returns this thread's sum of
+// squares, accumulated in a fixed order (v0, v1, v0 + 2*blockDim, ...).
+template <typename T, typename Fetch>
+__device__ __forceinline__ double stage_row(const FusedArgs& a, int64_t m, T* row, Fetch fetch) {
+  using PK = Pack<T>;
+  constexpr int V = PK::V;
+  const int64_t H = a.H, HV = H / V, bd = blockDim.x;
+  prefetch_gamma(a, H);
+  double sum_sq = 0.0;
+  for (int64_t v0 = threadIdx.x; v0 < HV; v0 += 2 * bd) {
+    const int64_t v1 = v0 + bd;
+    const bool has1 = v1 < HV;
+    uint4 out[2];
+    fetch(v0, v1, has1, out);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      if (b == 1 && !has1) break;
+      const int64_t v = b == 0 ? v0 : v1;
+      float r[V];
+      PK::unpack(out[b], r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum_sq = add_square(sum_sq, r[j]);
+      if (a.residual_out)
+        *reinterpret_cast<uint4*>(static_cast<T*>(a.residual_out) + m * H + v * V) = out[b];
+      *reinterpret_cast<uint4*>(row + v * V) = out[b];
+    }
+  }
+  return sum_sq;
+}
+
+// RMSNorm and quantization of the staged row m (every thread passes its
+// stage_row sum). Ends with a block barrier: `row` may be reused after it.
+template <typename T>
+__device__ void finish_row(const FusedArgs& a, int64_t m, T* row, double sum_sq, double* red_d,
+                           float* red_f) {
+  using PK = Pack<T>;
+  constexpr int V = PK::V;
+  const OpConfig& c = a.cfg;
+  const int64_t H = a.H, HV = H / V;
+  const float inv = rms_inv(block_sum(sum_sq, red_d), H, c.eps);  // barrier: row is staged
+  float amax = 0.0f;
+  for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
+    float r[V], g[V];
+    load_gamma<T>(a, v, g);
+    PK::unpack(*reinterpret_cast<const uint4*>(row + v * V), r);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      r[j] = to_f32(norm_value<T>(r[j], inv, c.norm_weight_offset, g[j]));
+      amax = nan_max(amax, abs_f32(r[j]));
+    }
+    const uint4 packed = PK::pack(r);  // exact: the values are already T
+    if (a.norm_out)
+      *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + m * H + v * V) = packed;
+    *reinterpret_cast<uint4*>(row + v * V) = packed;
+  }
+  if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
+    __syncthreads();  // the quantizers read columns other threads staged
+    quantize_row<T>(a, m, row, amax, red_f);
+  }
+  __syncthreads();  // the next row overwrites `row`
+}
+
+}  // namespace dev
+}  // namespace mar
