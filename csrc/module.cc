@@ -2,6 +2,7 @@
 // workspace lifecycle when built with CUDA.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include "ffi/cpu.h"
@@ -29,6 +30,9 @@ void bind_workspace(nb::module_& m) {
         "returns its id. Raises RuntimeError when the groups cannot be served.");
   m.def("take_errors", &mar::runtime::take_errors,
         "Failures the kernels reported since the last call (each returned once).");
+  m.def("read_traces", &mar::runtime::read_traces,
+        "[(device, words)] phase times of block 0's last call per rank, for workspaces "
+        "created with $JAX_MOE_AR_TRACE set (see kernels/fused.h TraceWord).");
   m.def("destroy_all", &mar::runtime::destroy_all, "Frees every workspace.");
 }
 #endif

@@ -136,6 +136,40 @@ __device__ __forceinline__ void finish_call(const ExchangeView& x, uint32_t epoc
   }
 }
 
+// Phase times of block 0 (thread 0) into the workspace's host-mapped trace,
+// when tracing is on ($JAX_MOE_AR_TRACE at workspace creation); no-ops
+// otherwise. The running sums live in shared memory so that the kernels' other
+// threads pay no registers for them.
+struct Tracer {
+  uint64_t* out;   // the trace record, or nullptr when not tracing / not thread 0 of block 0
+  uint64_t* acc;   // shared: [0] entry time, [1] last lap, [2..5] sums, [6] rows
+  __device__ Tracer(const ExchangeView& x, uint64_t* shared_words)
+      : out(x.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0 ? x.trace : nullptr),
+        acc(shared_words) {
+    if (out == nullptr) return;
+    acc[0] = acc[1] = global_timer_ns();
+    for (int i = 2; i < 7; ++i) acc[i] = 0;
+  }
+  // Charges the time since the previous lap to `word` (kTracePush .. kTraceOther).
+  __device__ __forceinline__ void lap(int word) {
+    if (out == nullptr) return;
+    const uint64_t now = global_timer_ns();
+    acc[word] += now - acc[1];
+    acc[1] = now;
+  }
+  __device__ __forceinline__ void row() {
+    if (out != nullptr) ++acc[6];
+  }
+  __device__ void done(uint32_t epoch) {
+    if (out == nullptr) return;
+    out[kTraceStart] = acc[0];
+    out[kTraceEnd] = global_timer_ns();
+    for (int w = kTracePush; w <= kTraceOther; ++w) out[w] = acc[w];
+    out[kTraceRows] = acc[6];
+    out[kTraceEpoch] = epoch;
+  }
+};
+
 // ---- bounded waits -------------------------------------------------------------
 // Called every 256 spins of a wait: true when the wait must end — this rank
 // already failed (the workspace is poisoned), or the bound passed, in which

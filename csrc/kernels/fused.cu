@@ -145,16 +145,26 @@ __global__ void __launch_bounds__(kMaxThreads)
   // one. G is the same on every rank, so the row a block waits for was pushed
   // by the same block of every rank one step earlier: no wait cycle.
   const int64_t G = gridDim.x;
+  __shared__ uint64_t trace_words[8];
+  Tracer tr(x, trace_words);
   if (!st.poisoned && blockIdx.x < a.M) push_row<T>(a, x, st, blockIdx.x, 0, x.nranks);
+  tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
+  tr.lap(kTraceOther);
   for (int64_t m = blockIdx.x; m < a.M; m += G) {
     if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, 0, x.nranks);
+    tr.lap(kTracePush);
     const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
       reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
     });
+    tr.lap(kTraceStage);
     finish_row<T>(a, m, row, sq, red_d, red_f);
+    tr.lap(kTraceFinish);
+    tr.row();
   }
   finish_call(x, st.epoch);
+  tr.lap(kTraceOther);
+  tr.done(st.epoch);
 }
 
 // ---- two-shot gather packets ---------------------------------------------------------
@@ -306,13 +316,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   // The owner's block b reduces row m after every rank's block b pushed it one
   // step earlier, so no wait depends on a later step of any block.
   const int64_t G = gridDim.x;
+  __shared__ uint64_t trace_words[8];
+  Tracer tr(x, trace_words);
   if (!st.poisoned && blockIdx.x < a.M)
     push_row<T>(a, x, st, blockIdx.x, owner(blockIdx.x), 1);
+  tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   const Packet pk = packet_of(a, int(sizeof(T)));
   const bool send = pk.residual && !st.poisoned;
+  tr.lap(kTraceOther);
   for (int64_t m = blockIdx.x; m < a.M; m += G) {
     if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, owner(m + G), 1);
+    tr.lap(kTracePush);
+    tr.row();
     if (m >= lo && m < hi) {
       const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
         reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
@@ -324,11 +340,16 @@ __global__ void __launch_bounds__(kMaxThreads)
           if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16) = out[1];
         }
       });
+      tr.lap(kTraceStage);
       if (send) publish_row(x, m, st.epoch);
+      tr.lap(kTraceOther);
       finish_row<T>(a, m, row, sq, red_d, red_f);
+      tr.lap(kTraceFinish);
       if (pk.code_bytes && !st.poisoned) send_codes(a, x, pk, m, st.epoch);
+      tr.lap(kTraceOther);
     } else if (!pk.residual) {
       receive_codes(a, x, pk, m, owner(m), st, &ok_flag);
+      tr.lap(kTraceStage);
     } else {
       const bool ok = await_row(x, m, owner(m), st, &ok_flag);
       const char* src = packet_at(x, x.rank, pk, m);
@@ -336,10 +357,14 @@ __global__ void __launch_bounds__(kMaxThreads)
         out[0] = ok ? ld_relaxed_sys(src + v0 * 16) : kSentinel4;
         out[1] = ok && has1 ? ld_relaxed_sys(src + v1 * 16) : kSentinel4;
       });
+      tr.lap(kTraceStage);
       finish_row<T>(a, m, row, sq, red_d, red_f);  // its barriers also protect ok_flag
+      tr.lap(kTraceFinish);
     }
   }
   finish_call(x, st.epoch);
+  tr.lap(kTraceOther);
+  tr.done(st.epoch);
 }
 
 // Threads per block: enough that a row's H/V vectors take at most two per

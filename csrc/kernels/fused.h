@@ -49,6 +49,20 @@ struct ExchangeView {
   ErrorRecord* error = nullptr;  // device alias of the host-mapped record
   uint64_t timeout_ns = 0;
   int32_t group_sms = 1;        // SMs of the group's smallest GPU (sets the grid)
+  uint64_t* trace = nullptr;     // host-mapped phase times of block 0, or nullptr (off)
+};
+
+// Words of the phase trace ($JAX_MOE_AR_TRACE): what block 0 of the last call did.
+enum TraceWord : int {
+  kTraceStart = 0,   // globaltimer ns at entry
+  kTraceEnd = 1,     // ... after the call's last barrier
+  kTracePush = 2,    // ns pushing rows (finalize + stores)
+  kTraceStage = 3,   // ns staging rows: waiting for slots or packets, reducing
+  kTraceFinish = 4,  // ns in the row tail (norm, quant)
+  kTraceOther = 5,   // ns elsewhere (padding, sending packets, ...)
+  kTraceRows = 6,    // rows block 0 handled
+  kTraceEpoch = 7,
+  kTraceWords = 8,
 };
 
 struct FusedArgs {

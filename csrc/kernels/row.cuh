@@ -124,17 +124,28 @@ __device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float 
 }
 
 // Zero the swizzled NVFP4 scale rows [M, roundup(M, 128)), spread over the
-// whole grid, one 32-bit word (4 blocks of one row) per store.
+// grid. They all lie in the last 128-row band; each of its 4-block column tiles
+// is 512 bytes of 32 lines (row % 32) of 16 bytes, one 4-byte word per row
+// quarter ((row % 128) / 32). A thread takes one line, so a warp's stores are
+// contiguous, and writes the words of padding rows only (other words belong to
+// real rows, which their blocks write).
 __device__ __forceinline__ void zero_swizzle_padding_rows(const FusedArgs& a) {
   const OpConfig& c = a.cfg;
   if (!(c.has(kOutQuant) && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled))) return;
-  const uint32_t M = uint32_t(a.M);
-  const uint32_t kt = uint32_t((a.H + 63) / 64);  // 4-block column tiles
-  const uint32_t words = (uint32_t(round_up(a.M, 128)) - M) * kt;
-  uint32_t* sf = static_cast<uint32_t*>(a.scale_out);
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x) {
-    const uint32_t m = M + i / kt, tile = i % kt;
-    sf[((m / 128) * kt * 512 + tile * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4) / 4] = 0u;
+  const uint32_t M = uint32_t(a.M), band = M / 128, first = M % 128;  // first padding row in band
+  if (first == 0) return;
+  const uint32_t kt = uint32_t((a.H + 63) / 64);
+  char* base = static_cast<char*>(a.scale_out) + uint64_t(band) * kt * 512;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < kt * 32; i += gridDim.x * blockDim.x) {
+    const uint32_t line = i % 32;
+    char* p = base + (i / 32) * 512 + line * 16;
+    if (line >= first) {  // rows line, line+32, line+64, line+96 of the band: all padding
+      *reinterpret_cast<uint4*>(p) = make_uint4(0u, 0u, 0u, 0u);
+      continue;
+    }
+#pragma unroll
+    for (uint32_t q = 0; q < 4; ++q)
+      if (q * 32 + line >= first) reinterpret_cast<uint32_t*>(p)[q] = 0u;
   }
 }
 

@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -13,6 +15,13 @@
 
 namespace mar::runtime {
 namespace {
+
+// $JAX_MOE_AR_TRACE set (and not "0") when a workspace is created: its
+// kernels record block 0's phase times of the last call (read_traces).
+bool tracing_requested() {
+  const char* v = std::getenv("JAX_MOE_AR_TRACE");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
 
 void check(cudaError_t e, const std::string& what) {
   if (e != cudaSuccess) {
@@ -35,6 +44,7 @@ struct Rank {
   char* gather = nullptr;
   DeviceCounters* counters = nullptr;
   ErrorRecord* host_error = nullptr;
+  uint64_t* host_trace = nullptr;  // kTraceWords, only when tracing
   bool reported = false;
   ExchangeView view;
 };
@@ -51,6 +61,7 @@ class Workspace {
   }
   std::string failure_of_group(int group) const;
   void collect_errors(std::vector<std::string>* out);
+  void collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>>* out) const;
 
  private:
   std::string describe(const Rank& r) const;
@@ -96,6 +107,13 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       *me.host_error = ErrorRecord{};
       ErrorRecord* dev_error = nullptr;
       check(cudaHostGetDevicePointer(&dev_error, me.host_error, 0), on + ": error record");
+      if (tracing_requested()) {
+        check(cudaHostAlloc(&me.host_trace, kTraceWords * sizeof(uint64_t),
+                            cudaHostAllocMapped | cudaHostAllocPortable),
+              on + ": trace record");
+        std::memset(me.host_trace, 0, kTraceWords * sizeof(uint64_t));
+        check(cudaHostGetDevicePointer(&me.view.trace, me.host_trace, 0), on + ": trace record");
+      }
       check(prepare_fused_kernels(), on + ": kernel attributes");
       me.view.rank = 0;
       me.view.nranks = int(devs.size());
@@ -155,6 +173,7 @@ Workspace::~Workspace() {
     if (r.gather) cudaFree(r.gather);
     if (r.counters) cudaFree(r.counters);
     if (r.host_error) cudaFreeHost(r.host_error);
+    if (r.host_trace) cudaFreeHost(r.host_trace);
   }
   cudaGetLastError();
 }
@@ -183,6 +202,14 @@ void Workspace::collect_errors(std::vector<std::string>* out) {
     if (r.reported || !reinterpret_cast<volatile ErrorRecord*>(r.host_error)->flag) continue;
     r.reported = true;
     out->push_back(describe(r));
+  }
+}
+
+void Workspace::collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>>* out) const {
+  for (const Rank& r : ranks_) {
+    if (r.host_trace == nullptr) continue;
+    const volatile uint64_t* t = r.host_trace;
+    out->emplace_back(r.device, std::vector<uint64_t>(t, t + kTraceWords));
   }
 }
 
@@ -216,6 +243,13 @@ const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure) {
   if (r == nullptr) return nullptr;
   *failure = it->second->failure_of_group(r->group);
   return &r->view;
+}
+
+std::vector<std::pair<int, std::vector<uint64_t>>> read_traces() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::vector<std::pair<int, std::vector<uint64_t>>> out;
+  for (auto& entry : g_workspaces) entry.second->collect_traces(&out);
+  return out;
 }
 
 std::vector<std::string> take_errors() {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../kernels/fused.h"
@@ -21,6 +22,10 @@ int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t s
 // `failure` receives a message when any rank of the device's group reported a
 // failure (the workspace is then poisoned).
 const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure);
+
+// (device ordinal, kTraceWords phase times of block 0's last call) of every
+// rank of every workspace created with $JAX_MOE_AR_TRACE set.
+std::vector<std::pair<int, std::vector<uint64_t>>> read_traces();
 
 // Messages for failures not reported yet (each is returned once).
 std::vector<std::string> take_errors();
