@@ -69,7 +69,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     # the table, with the CPU caveat and the floor formula
     assert "fused µs" in proc.stdout and "xla µs" in proc.stdout and "% of" in proc.stdout
     assert "NOT meaningful" in proc.stdout
-    assert "(N-1)/N * M*H*(bytes(T) + output bytes/elem)" in proc.stdout
+    assert "(N-1)/N * M*H*2*bytes(T)" in proc.stdout
     table = [ln for ln in proc.stdout.splitlines()
              if ln.split()[:1] in (["2"], ["4"]) and "auto" in ln]
     assert len(table) == len(ranks) * len(quants) * len(ms), proc.stdout
