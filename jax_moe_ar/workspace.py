@@ -24,11 +24,11 @@ MAX_ROW_BYTES = 96 * 1024  # one row of T is staged in shared memory
 MIN_SLOT_BYTES = 1 << 20
 ALGO_ONESHOT, ALGO_TWOSHOT = 0, 1  # kernels/fused.h Algorithm
 
-# `auto` takes two-shot once a rank's partial is at least this many bytes, except
-# for two ranks without quantized outputs, where one-shot moves fewer bytes. From
-# the v1 bench on 4xH200 (docs/perf.md): at H = 7168 bf16, one-shot wins up to
-# M = 128 (1.8 MiB), two-shot from M = 512 (7 MiB) with 4 ranks; with 2 ranks and
-# no quant one-shot stays ahead at every M. Static shapes only: every rank decides alike.
+# `auto` takes two-shot once a rank's partial is at least this many bytes, with three
+# or more ranks. With two ranks one-shot moves the same bytes (each rank sends its
+# partial once) without the second exchange, and it measured faster at every M, with
+# and without quantized outputs (2xH200, docs/perf.md v2). With four ranks two-shot won
+# from M = 512 at H = 7168 bf16 (4xH200, v1). Static shapes only: every rank decides alike.
 TWOSHOT_MIN_BYTES = 4 * 1024 * 1024
 
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
@@ -44,16 +44,13 @@ class Plan:
     reason: str = ""
 
 
-def choose_algorithm(algorithm: str, M: int, H: int, itemsize: int, ranks: int,
-                     quantized: bool = False) -> int:
+def choose_algorithm(algorithm: str, M: int, H: int, itemsize: int, ranks: int) -> int:
     """The kernel `algorithm` ("auto", "oneshot", "twoshot") runs, from static shapes only."""
     if algorithm == "oneshot":
         return ALGO_ONESHOT
     if algorithm == "twoshot":
         return ALGO_TWOSHOT
-    if ranks <= 1 or M * H * itemsize < TWOSHOT_MIN_BYTES:
-        return ALGO_ONESHOT
-    if ranks == 2 and not quantized:
+    if ranks <= 2 or M * H * itemsize < TWOSHOT_MIN_BYTES:
         return ALGO_ONESHOT
     return ALGO_TWOSHOT
 
@@ -112,8 +109,7 @@ def _unservable_reason(groups, H, itemsize) -> str | None:
     return None
 
 
-def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str,
-         quantized: bool = False) -> Plan:
+def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str) -> Plan:
     """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`."""
     mesh = getattr(axis_context, "mesh", None)
     if mesh is None or not hasattr(mesh, "devices"):
@@ -121,7 +117,7 @@ def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str,
     devices = list(np.asarray(mesh.devices).flat)
     groups = device_groups(mesh, axes)
     itemsize = np.dtype(dtype).itemsize
-    code = choose_algorithm(algorithm, M, H, itemsize, len(groups[0]), quantized)
+    code = choose_algorithm(algorithm, M, H, itemsize, len(groups[0]))
     if any(d.platform != "gpu" for d in devices):
         # Lowered for CUDA on a machine without those devices (jax.export,
         # lower-only tests): no workspace can exist; the handler refuses to run.

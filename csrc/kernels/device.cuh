@@ -123,16 +123,15 @@ __device__ __forceinline__ CallState begin_call(const ExchangeView& x) {
 }
 
 // The last block to finish advances the epoch: the next call on this stream
-// uses the next buffer. Every block read `epoch` before arriving.
+// uses the next buffer. Every block read `epoch` at entry, before arriving. No
+// fence: nothing in this call reads the new epoch, and the next kernel on the
+// stream sees every write of this one (a fence here would wait for this
+// thread's NVLink stores to be acknowledged, at the end of every call).
 __device__ __forceinline__ void finish_call(const ExchangeView& x, uint32_t epoch) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&x.counters->arrived, 1u) == gridDim.x - 1) {
-      x.counters->arrived = 0u;
-      x.counters->epoch = epoch + 1u;
-      __threadfence();
-    }
+  if (threadIdx.x == 0 && atomicAdd(&x.counters->arrived, 1u) == gridDim.x - 1) {
+    x.counters->arrived = 0u;
+    x.counters->epoch = epoch + 1u;
   }
 }
 

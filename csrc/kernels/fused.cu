@@ -1,16 +1,15 @@
 // The fused kernels: finalize + all-reduce + residual + RMSNorm + quant in one
 // launch per GPU, one-shot or two-shot (see Algorithm in fused.h).
 //
-// Grid: one block per row, at most one per SM of the group's smallest GPU, the
-// same on every rank; every block of every rank is resident, so the
-// cross-rank waits cannot deadlock on scheduling. Block b takes rows b, b+G, ...
-// and pushes row m+G before it reduces row m, so a block only ever waits for
-// rows every rank's block b pushed one step earlier (and, two-shot, for a
-// packet the owner's block b sends in the same step): all waits end.
-// Push (push_row): this rank's 16-byte wire vectors of a row, two per thread
-//       at a time (their expert-row loads overlap), into slot `rank` of the
-//       current exchange buffer of every rank (one-shot) or of the row's owner
-//       (two-shot). The data are their own flags (Lamport).
+// Grid: at most one block per SM of the group's smallest GPU, so every block of
+// every rank is resident and the cross-rank waits cannot deadlock on
+// scheduling. Every phase that waits depends only on phases that do not wait
+// (pushes), so all waits end.
+// Push (push_rows): the grid walks this rank's M x H/V 16-byte wire vectors,
+//       two per thread at a time (their expert-row loads overlap), and stores
+//       each into slot `rank` of the current exchange buffer of every rank
+//       (one-shot) or of the row's owner (two-shot). Which block pushes what
+//       never matters to the protocol: the data are their own flags (Lamport).
 // Reduce (reduce_vectors): each thread reads all N slots of its columns at
 //       once, waits for those still empty, sums them in rank order and adds
 //       the residual. The row tail (row.cuh) stages residual_out, then norms
@@ -54,24 +53,27 @@ __device__ __forceinline__ uint4 wire_vector(const FusedArgs& a, int64_t m, int6
   return PK::pack(acc);
 }
 
-// Pushes row m of this rank's wire values into slot `rank` of the current
-// buffer of ranks [first, first + n_dst): two vectors per thread at a time,
-// so the expert-row loads of both are in flight together.
-template <typename T>
-__device__ __forceinline__ void push_row(const FusedArgs& a, const ExchangeView& x,
-                                         const CallState& st, int64_t m, int first, int n_dst) {
+// Pushes every wire vector of this rank: item i = m * H/V + v, spread over the
+// whole grid, two items per thread at a time (their expert-row loads overlap).
+// dest(m) is the first destination rank of row m; n_dst ranks from there get it.
+template <typename T, typename Dest>
+__device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView& x,
+                                          const CallState& st, int n_dst, Dest dest) {
   constexpr int V = Pack<T>::V;
-  const int64_t HV = a.H / V, bd = blockDim.x;
-  const uint64_t at = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes + uint64_t(m * HV) * 16u;
-  for (int64_t v0 = threadIdx.x; v0 < HV; v0 += 2 * bd) {
-    const int64_t v1 = v0 + bd;
-    const bool has1 = v1 < HV;
-    const uint4 w0 = avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m, v0 * V));
-    const uint4 w1 = has1 ? avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m, v1 * V)) : w0;
-    for (int s = first; s < first + n_dst; ++s) {
-      st_relaxed_sys(x.areas[s] + at + uint64_t(v0) * 16u, w0);
-      if (has1) st_relaxed_sys(x.areas[s] + at + uint64_t(v1) * 16u, w1);
-    }
+  const uint64_t HV = uint64_t(a.H / V);
+  const uint64_t total = uint64_t(a.M) * HV, stride = uint64_t(gridDim.x) * blockDim.x;
+  const uint64_t my_slot = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes;
+  for (uint64_t i0 = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i0 < total; i0 += 2 * stride) {
+    const uint64_t i1 = i0 + stride;
+    const bool has1 = i1 < total;
+    const int64_t m0 = int64_t(i0 / HV), m1 = int64_t(i1 / HV);
+    const uint4 w0 = avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m0, int64_t(i0 - m0 * HV) * V));
+    const uint4 w1 =
+        has1 ? avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m1, int64_t(i1 - m1 * HV) * V)) : w0;
+    const int d0 = dest(m0), d1 = dest(m1);
+    for (int s = d0; s < d0 + n_dst; ++s) st_relaxed_sys(x.areas[s] + my_slot + i0 * 16u, w0);
+    if (has1)
+      for (int s = d1; s < d1 + n_dst; ++s) st_relaxed_sys(x.areas[s] + my_slot + i1 * 16u, w1);
   }
 }
 
@@ -138,22 +140,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
+  __shared__ uint64_t trace_words[8];
   T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
-  // Block b takes rows b, b + G, ...: it pushes row m + G before reducing row m,
-  // so its stores of the next row drain while it waits for and reduces this
-  // one. G is the same on every rank, so the row a block waits for was pushed
-  // by the same block of every rank one step earlier: no wait cycle.
-  const int64_t G = gridDim.x;
-  __shared__ uint64_t trace_words[8];
   Tracer tr(x, trace_words);
-  if (!st.poisoned && blockIdx.x < a.M) push_row<T>(a, x, st, blockIdx.x, 0, x.nranks);
+  if (!st.poisoned) push_rows<T>(a, x, st, x.nranks, [](int64_t) { return 0; });
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   tr.lap(kTraceOther);
-  for (int64_t m = blockIdx.x; m < a.M; m += G) {
-    if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, 0, x.nranks);
-    tr.lap(kTracePush);
+  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) {
     const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
       reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
     });
@@ -303,6 +298,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
   __shared__ int ok_flag;
+  __shared__ uint64_t trace_words[8];
   T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
   // Rows are owned in contiguous chunks: rank r owns [r*chunk, min(M, (r+1)*chunk)).
@@ -310,44 +306,39 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t lo = int64_t(x.rank) * chunk < a.M ? int64_t(x.rank) * chunk : a.M;
   const int64_t hi = lo + chunk < a.M ? lo + chunk : a.M;
   auto owner = [chunk](int64_t m) { return int(m / chunk); };
-  // Block b takes rows b, b + G, ... as in the one-shot kernel: it pushes row
-  // m + G to its owner, then either reduces row m (owned here) and sends its
-  // packet, or waits for row m's packet from its owner and finishes the row.
-  // The owner's block b reduces row m after every rank's block b pushed it one
-  // step earlier, so no wait depends on a later step of any block.
-  const int64_t G = gridDim.x;
-  __shared__ uint64_t trace_words[8];
   Tracer tr(x, trace_words);
-  if (!st.poisoned && blockIdx.x < a.M)
-    push_row<T>(a, x, st, blockIdx.x, owner(blockIdx.x), 1);
+  if (!st.poisoned) push_rows<T>(a, x, st, 1, owner);
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   const Packet pk = packet_of(a, int(sizeof(T)));
   const bool send = pk.residual && !st.poisoned;
   tr.lap(kTraceOther);
-  for (int64_t m = blockIdx.x; m < a.M; m += G) {
-    if (!st.poisoned && m + G < a.M) push_row<T>(a, x, st, m + G, owner(m + G), 1);
-    tr.lap(kTracePush);
+  // Owned rows first: their packets are what the other ranks' blocks wait for.
+  for (int64_t m = lo + blockIdx.x; m < hi; m += gridDim.x) {
     tr.row();
-    if (m >= lo && m < hi) {
-      const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
-        reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
-        if (!send) return;
-        for (int p = 0; p < x.nranks; ++p) {
-          if (p == x.rank) continue;
-          char* dst = packet_at(x, p, pk, m);
-          *reinterpret_cast<uint4*>(dst + v0 * 16) = out[0];
-          if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16) = out[1];
-        }
-      });
-      tr.lap(kTraceStage);
-      if (send) publish_row(x, m, st.epoch);
-      tr.lap(kTraceOther);
-      finish_row<T>(a, m, row, sq, red_d, red_f);
-      tr.lap(kTraceFinish);
-      if (pk.code_bytes && !st.poisoned) send_codes(a, x, pk, m, st.epoch);
-      tr.lap(kTraceOther);
-    } else if (!pk.residual) {
+    const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+      reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
+      if (!send) return;
+      for (int p = 0; p < x.nranks; ++p) {
+        if (p == x.rank) continue;
+        char* dst = packet_at(x, p, pk, m);
+        *reinterpret_cast<uint4*>(dst + v0 * 16) = out[0];
+        if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16) = out[1];
+      }
+    });
+    tr.lap(kTraceStage);
+    if (send) publish_row(x, m, st.epoch);
+    tr.lap(kTraceOther);
+    finish_row<T>(a, m, row, sq, red_d, red_f);
+    tr.lap(kTraceFinish);
+    if (pk.code_bytes && !st.poisoned) send_codes(a, x, pk, m, st.epoch);
+    tr.lap(kTraceOther);
+  }
+  const int64_t others = a.M - (hi - lo);
+  for (int64_t i = blockIdx.x; i < others; i += gridDim.x) {
+    const int64_t m = i < lo ? i : i + (hi - lo);
+    tr.row();
+    if (!pk.residual) {
       receive_codes(a, x, pk, m, owner(m), st, &ok_flag);
       tr.lap(kTraceStage);
     } else {
@@ -368,10 +359,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Threads per block: enough that a row's H/V vectors take at most two per
-// thread (one batch of stage_row and push_row). Grid: one block per row, at
-// most one per SM of the group's smallest GPU — a function of the shapes and
-// the group only, so every rank launches the same grid (the kernels' row
-// schedule relies on it).
+// thread (one batch of stage_row). Grid: enough blocks that the push phase has
+// about one vector per thread, at least one block per row, at most one block
+// per SM of the group's smallest GPU.
 struct Geometry {
   int threads, grid;
 };
@@ -381,7 +371,8 @@ Geometry geometry_of(const FusedArgs& a, const ExchangeView& x) {
   const int64_t vectors = a.H / Pack<T>::V;
   const int64_t threads =
       std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up((vectors + 1) / 2, 32)));
-  return {int(threads), int(std::min<int64_t>(a.M, x.group_sms))};
+  const int64_t blocks = std::max<int64_t>(a.M, (a.M * vectors + threads - 1) / threads);
+  return {int(threads), int(std::min<int64_t>(blocks, x.group_sms))};
 }
 
 template <typename T>
