@@ -4,7 +4,7 @@ as one collective op for JAX on NVIDIA GPUs. See SPEC.md §2 for the API."""
 from . import reference
 from .ops import allreduce_rmsnorm, moe_finalize_allreduce
 from .quant import Fp8PerGroup, Fp8PerToken, Fp8Static, FusedOutputs, NvFp4, dequantize
-from .workspace import check_errors
+from .workspace import check_errors, reset_workspaces
 
 __all__ = [
     "moe_finalize_allreduce",
@@ -16,6 +16,7 @@ __all__ = [
     "FusedOutputs",
     "dequantize",
     "check_errors",
+    "reset_workspaces",
     "reference",
 ]
 __version__ = "0.1.0"

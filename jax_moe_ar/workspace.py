@@ -162,6 +162,19 @@ def check_errors() -> None:
         raise RuntimeError("jax_moe_ar: " + "; ".join(errors))
 
 
+def reset_workspaces() -> None:
+    """Returns every exchange workspace of this process to its fresh state.
+
+    After a reported failure (a wait that timed out, see `check_errors`) the group's
+    workspace is poisoned: its calls return NaN and raise. Once the cause is gone, call
+    this — while no jax_moe_ar program is running — and the same compiled programs work
+    again. It waits for every GPU of every group, then clears the exchange buffers,
+    counters and recorded failures (failures not yet taken by `check_errors` are dropped).
+    """
+    if getattr(_native, "with_cuda", False):
+        _native.reset_all()
+
+
 def _release():
     if getattr(_native, "with_cuda", False):
         _native.destroy_all()

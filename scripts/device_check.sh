@@ -14,6 +14,6 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.lo
   tail -60 "$OUT/build.log"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
-timeout -s INT ${PYTEST_LIMIT_S:-420} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider "$@" 2>&1 \
+timeout -s INT ${PYTEST_LIMIT_S:-420} python3 -m pytest -m "gpu and not slow" -q -rfE -p no:cacheprovider "$@" 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -60
 echo "tests done: $(( $(date +%s) - start )) s"

@@ -62,6 +62,7 @@ class Workspace {
   std::string failure_of_group(int group) const;
   void collect_errors(std::vector<std::string>* out);
   void collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>>* out) const;
+  void reset();
 
  private:
   std::string describe(const Rank& r) const;
@@ -213,6 +214,30 @@ void Workspace::collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>
   }
 }
 
+// Back to the state of a fresh workspace: waits for every rank's GPU (the
+// kernels' waits are bounded, so this ends), then empty slots, zero flags and
+// counters, no recorded failure.
+void Workspace::reset() {
+  DeviceGuard guard;
+  for (const Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": before reset");
+  }
+  for (Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    const std::string on = "GPU " + std::to_string(r.device) + ": reset";
+    check(cudaMemset(r.area, 0xff, exchange_area_bytes(r.view.nranks, slot_bytes_)), on);
+    check(cudaMemset(r.gather, 0, r.view.gather_bytes), on);
+    check(cudaMemset(r.counters, 0, sizeof(DeviceCounters)), on);
+    *r.host_error = ErrorRecord{};
+    r.reported = false;
+  }
+  for (const Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": reset");
+  }
+}
+
 std::mutex g_mu;
 std::map<int64_t, std::unique_ptr<Workspace>> g_workspaces;
 
@@ -257,6 +282,11 @@ std::vector<std::string> take_errors() {
   std::vector<std::string> out;
   for (auto& entry : g_workspaces) entry.second->collect_errors(&out);
   return out;
+}
+
+void reset_all() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  for (auto& entry : g_workspaces) entry.second->reset();
 }
 
 void destroy_all() {

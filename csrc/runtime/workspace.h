@@ -30,6 +30,11 @@ std::vector<std::pair<int, std::vector<uint64_t>>> read_traces();
 // Messages for failures not reported yet (each is returned once).
 std::vector<std::string> take_errors();
 
+// Returns every workspace to its fresh state (after a reported failure). Only
+// while no program using them runs: waits for every GPU of every group first.
+// Throws std::runtime_error on a CUDA failure.
+void reset_all();
+
 // Frees every workspace (at exit): waits for each device, then releases.
 void destroy_all();
 
