@@ -33,6 +33,8 @@ void bind_workspace(nb::module_& m) {
   m.def("read_traces", &mar::runtime::read_traces,
         "[(device, words)] phase times of block 0's last call per rank, for workspaces "
         "created with $JAX_MOE_AR_TRACE set (see kernels/fused.h TraceWord).");
+  m.def("device_bytes_used", &mar::runtime::device_bytes_used, nb::arg("ordinal"),
+        "Bytes of the GPU's memory in use by anyone (cudaMemGetInfo): for leak tests.");
   m.def("reset_all", &mar::runtime::reset_all,
         "Returns every workspace to its fresh state (clears a poisoned one); call only "
         "while no jax_moe_ar program runs.");

@@ -284,6 +284,14 @@ std::vector<std::string> take_errors() {
   return out;
 }
 
+uint64_t device_bytes_used(int ordinal) {
+  DeviceGuard guard;
+  check(cudaSetDevice(ordinal), "cudaSetDevice(" + std::to_string(ordinal) + ")");
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return uint64_t(total - free);
+}
+
 void reset_all() {
   std::lock_guard<std::mutex> lock(g_mu);
   for (auto& entry : g_workspaces) entry.second->reset();

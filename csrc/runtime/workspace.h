@@ -30,6 +30,9 @@ std::vector<std::pair<int, std::vector<uint64_t>>> read_traces();
 // Messages for failures not reported yet (each is returned once).
 std::vector<std::string> take_errors();
 
+// Bytes of GPU `ordinal`'s memory in use by anyone (cudaMemGetInfo), for tests.
+uint64_t device_bytes_used(int ordinal);
+
 // Returns every workspace to its fresh state (after a reported failure). Only
 // while no program using them runs: waits for every GPU of every group first.
 // Throws std::runtime_error on a CUDA failure.
