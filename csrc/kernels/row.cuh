@@ -37,14 +37,32 @@ __device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, int64_t H) {
 }
 
 // ---- quantizers over the staged row ------------------------------------------
+// n float32 values of the staged row from p (16-byte aligned), 16 bytes per
+// shared-memory read rather than one element (no bank conflicts between
+// threads reading neighbouring blocks of the row).
+template <typename T, int n>
+__device__ __forceinline__ void load_staged(const T* p, float (&f)[n]) {
+  constexpr int V = Pack<T>::V;
+  static_assert(n % V == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int q = 0; q < n / V; ++q) {
+    float g[V];
+    Pack<T>::unpack(reinterpret_cast<const uint4*>(p)[q], g);
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[q * V + j] = g[j];
+  }
+}
+
 template <typename T>
 __device__ void write_fp8_codes(uint8_t* out, const T* row, int64_t H, float inv_scale) {
   for (int64_t h = int64_t(threadIdx.x) * 8; h < H; h += int64_t(blockDim.x) * 8) {
+    float v[8];
+    load_staged<T>(row + h, v);
     uint32_t lo = 0, hi = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      lo |= uint32_t(fp8_code(to_f32(row[h + j]), inv_scale)) << (8 * j);
-      hi |= uint32_t(fp8_code(to_f32(row[h + 4 + j]), inv_scale)) << (8 * j);
+      lo |= uint32_t(fp8_code(v[j], inv_scale)) << (8 * j);
+      hi |= uint32_t(fp8_code(v[4 + j], inv_scale)) << (8 * j);
     }
     *reinterpret_cast<uint2*>(out + h) = make_uint2(lo, hi);
   }
@@ -98,12 +116,10 @@ __device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float 
       uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
       for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
         float v[kFp4Block];
+        load_staged<T>(row + b * kFp4Block, v);
         float vmax = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kFp4Block; ++j) {
-          v[j] = to_f32(row[b * kFp4Block + j]);
-          vmax = nan_max(vmax, abs_f32(v[j]));
-        }
+        for (int j = 0; j < kFp4Block; ++j) vmax = nan_max(vmax, abs_f32(v[j]));
         const uint8_t sf = nvfp4_scale_code(vmax, gsc);
         const float os = nvfp4_out_scale(sf, gsc);
         uint32_t w[2] = {0u, 0u};
