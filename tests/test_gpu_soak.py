@@ -115,13 +115,14 @@ def test_soak(request):
 
 def test_recompiles_and_dropped_meshes_reuse_workspaces(request):
     """New shapes and new meshes over the same GPUs: workspaces are created only while
-    capacity grows, then reused; every call of every program is exact (a call that read
-    an earlier call's data would differ: each case has fresh random inputs)."""
+    capacity grows (M = 1100 needs more than the first one's 1 MiB slots), then reused;
+    every call of every program is exact (a call that read an earlier call's data would
+    differ: each case has fresh random inputs)."""
     rng = np.random.default_rng(seed_for(request.node.nodeid))
     mc = _meshes()[0]
     counts = []
     for rnd in range(3):
-        for M in (3, 40, 200):
+        for M in (3, 40, 200, 1100):
             for algo in ("oneshot", "twoshot"):
                 case = gen_case(rng, mc, dtype=BF16, M=M, H=512, K=4,
                                 quant=Q.fp8_per_group(128), outputs=("residual", "norm", "quant"))

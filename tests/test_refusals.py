@@ -1,5 +1,8 @@
 """SPEC §4: inputs refused at trace time with ValueError/TypeError naming the argument;
-M = 0 returns empty outputs; a group of one rank works."""
+M = 0 returns empty outputs; a group of one rank works.
+
+The refusal tests take a `mesh` of CPU devices and, marked `gpu`, of GPUs (4 when the
+machine has them, else 2): the same rules hold whichever platform the program targets."""
 
 import re
 
@@ -11,17 +14,23 @@ from jax.sharding import PartitionSpec as PS
 
 import jax_moe_ar as mar
 from cases import ALL_QUANTS, BF16, Q, check_against_oracle, gen_case, run_case, seed_for
-from jax_moe_ar.testing import N1, N4, make_mesh, sharded
+from jax_moe_ar.testing import N1, N2, N4, make_mesh, sharded
 
 S = jax.ShapeDtypeStruct
-N = 4
 M, H, K, P = 3, 32, 2, 5
 BAD = (ValueError, TypeError)
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return make_mesh("cpu", N4)
+@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def mesh(request):
+    if request.param == "gpu" and len(jax.devices("gpu")) < 4:
+        return make_mesh("gpu", N2)
+    return make_mesh(request.param, N4)
+
+
+def _n(mesh):
+    """Ranks along "tp"."""
+    return mesh.shape["tp"]
 
 
 def _moe_specs(has_scales, has_shared):
@@ -35,7 +44,7 @@ def trace_moe(mesh, eo=None, idx=None, res=None, nw=None, scales=None, shared=No
     idx = S((M, K), jnp.int32) if idx is None else idx
     res = S((M, H), jnp.bfloat16) if res is None else res
     nw = S((H,), jnp.float32) if nw is None else nw
-    stack = lambda s: S((N * s.shape[0],) + tuple(s.shape[1:]), s.dtype)  # noqa: E731
+    stack = lambda s: S((_n(mesh) * s.shape[0],) + tuple(s.shape[1:]), s.dtype)  # noqa: E731
     args = [stack(eo), stack(idx), res, nw]
     args += [stack(a) for a in (scales, shared) if a is not None]
 
@@ -58,7 +67,7 @@ def trace_dense(mesh, x=None, res=None, nw=None, axis_name="tp", **kw):
     x = S((M, H), jnp.bfloat16) if x is None else x
     res = S((M, H), jnp.bfloat16) if res is None else res
     nw = S((H,), jnp.float32) if nw is None else nw
-    xs = S((N * x.shape[0],) + tuple(x.shape[1:]), x.dtype)
+    xs = S((_n(mesh) * x.shape[0],) + tuple(x.shape[1:]), x.dtype)
 
     def body(x, r, n):
         return mar.allreduce_rmsnorm(x, r, n, axis_name=axis_name, **kw)
@@ -253,6 +262,7 @@ def test_unknown_quant_spec_refused(mesh):
 @pytest.mark.parametrize("kw", ["eps", "routed_scaling_factor", "norm_weight_offset"])
 def test_non_static_floats_refused(mesh, kw):
     """A traced value (and a jax array) for a static python float is refused."""
+    N = _n(mesh)
     eo = S((N * P, H), jnp.bfloat16)
     idx = S((N * M, K), jnp.int32)
     res, nw = S((M, H), jnp.bfloat16), S((H,), jnp.float32)
@@ -367,6 +377,7 @@ def test_rank_varying_residual_not_typed_invariant(mesh, which):
     at trace time or check_vma rejects out_specs=P() — never a silent pick of one rank's
     values ("never silently wrong")."""
     specs = {"residual": (PS("tp"), PS("tp"), PS()), "norm_weight": (PS("tp"), PS(), PS("tp"))}
+    N = _n(mesh)
     shapes = {"residual": (S((N * M, H), jnp.float32), S((N * M, H), jnp.float32),
                            S((H,), jnp.float32)),
               "norm_weight": (S((N * M, H), jnp.float32), S((M, H), jnp.float32),
