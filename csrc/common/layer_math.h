@@ -18,11 +18,12 @@ MAR_HD bool valid_expert_row(int32_t p, int64_t P) { return p >= 0 && int64_t(p)
 // are all fetched before the first is accumulated, so on a GPU their loads are
 // in flight together (the rounding order is still k order).
 // load_row(p) returns row p's raw data for these columns (any copyable type);
-// unpack(raw, x) fills x[0..V) with its float32 values; weight(k) returns the
-// router weight of slot k as float32 (1 if absent).
-template <int V, int kChunk = 8, typename Weight, typename LoadRow, typename Unpack>
+// unpack(raw, x) fills x[0..V) with its float32 values; weights(k0, ok, w)
+// fills w[i] with the router weight of slot k0 + i as float32 where ok[i]
+// (load_weights below).
+template <int V, int kChunk = 8, typename Weights, typename LoadRow, typename Unpack>
 MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int64_t P,
-                             Weight weight, LoadRow load_row, Unpack unpack) {
+                             Weights weights, LoadRow load_row, Unpack unpack) {
   using Raw = decltype(load_row(int32_t(0)));
   MAR_UNROLL
   for (int j = 0; j < V; ++j) acc[j] = 0.0f;
@@ -35,12 +36,10 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int
       ok[i] = valid_expert_row(p[i], P);
     }
     float w[kChunk];
+    weights(k0, ok, w);
     Raw raw[kChunk];
     MAR_UNROLL
-    for (int i = 0; i < kChunk; ++i) {
-      w[i] = ok[i] ? weight(k0 + i) : 0.0f;
-      raw[i] = ok[i] ? load_row(p[i]) : Raw{};
-    }
+    for (int i = 0; i < kChunk; ++i) raw[i] = ok[i] ? load_row(p[i]) : Raw{};
     MAR_UNROLL
     for (int i = 0; i < kChunk; ++i) {
       if (!ok[i]) continue;
@@ -49,6 +48,33 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int
       MAR_UNROLL
       for (int j = 0; j < V; ++j) acc[j] = add_rn(acc[j], mul_rn(w[i], x[j]));
     }
+  }
+}
+
+// Router weights of one token's slots k0 .. k0+kChunk where ok[i]: `scales`
+// is the [M, K] array of dtype dt (nullptr: every weight is 1) and `first`
+// the element index of slot k0. One dtype branch per chunk, not per slot.
+template <int kChunk>
+MAR_HD void load_weights(const void* scales, DType dt, int64_t first, const bool (&ok)[kChunk],
+                         float (&w)[kChunk]) {
+  MAR_UNROLL
+  for (int i = 0; i < kChunk; ++i) w[i] = 1.0f;
+  if (scales == nullptr) return;
+  switch (dt) {
+    case DType::kBF16:
+      MAR_UNROLL
+      for (int i = 0; i < kChunk; ++i)
+        if (ok[i]) w[i] = to_f32(static_cast<const bf16_t*>(scales)[first + i]);
+      break;
+    case DType::kF16:
+      MAR_UNROLL
+      for (int i = 0; i < kChunk; ++i)
+        if (ok[i]) w[i] = to_f32(static_cast<const f16_t*>(scales)[first + i]);
+      break;
+    default:
+      MAR_UNROLL
+      for (int i = 0; i < kChunk; ++i)
+        if (ok[i]) w[i] = static_cast<const float*>(scales)[first + i];
   }
 }
 

@@ -79,11 +79,19 @@ MAR_HD float sqrt_rn(float a) {
 MAR_HD bool is_nan(float a) { return a != a; }
 MAR_HD float abs_f32(float a) { return bits_f32(f32_bits(a) & 0x7fffffffu); }
 
-// max that propagates NaN from either side (numpy's np.maximum).
+// max that propagates NaN from either side (numpy's np.maximum). Only ever
+// applied to magnitudes (|x|, never -0.0), so which zero or which NaN payload
+// comes out does not matter: the device uses the single max.NaN instruction.
 MAR_HD float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
   if (is_nan(a)) return a;
   if (is_nan(b)) return b;
   return a > b ? a : b;
+#endif
 }
 
 // sat(x, L) of SPEC §3: clamp to [-L, L]; NaN passes through unchanged.
@@ -105,6 +113,11 @@ MAR_HD uint32_t shift_rne(uint32_t v, uint32_t s) {
 MAR_HD float to_f32(float x) { return x; }
 MAR_HD float to_f32(bf16_t x) { return bits_f32(uint32_t(x.bits) << 16); }
 MAR_HD float to_f32(f16_t x) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));  // exact
+  return f;
+#else
   uint32_t h = x.bits;
   uint32_t sign = (h & 0x8000u) << 16;
   uint32_t e = (h >> 10) & 0x1fu;
@@ -116,15 +129,31 @@ MAR_HD float to_f32(f16_t x) {
     return bits_f32(f32_bits(v) | sign);
   }
   return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+#endif
 }
 
+// float32 -> bf16 / f16 bits, round to nearest even, subnormals kept. The
+// device uses the hardware conversion (the same rounding; a NaN comes out as
+// the canonical NaN, where the host keeps the payload: SPEC leaves NaN
+// payloads open).
 MAR_HD uint16_t f32_to_bf16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   uint32_t u = f32_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 
 MAR_HD uint16_t f32_to_f16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   uint32_t u = f32_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
@@ -138,6 +167,7 @@ MAR_HD uint16_t f32_to_f16_bits(float f) {
   if (e < 102u) return uint16_t(sign);  // below 2^-25: rounds to zero
   uint32_t m = (a & 0x7fffffu) | 0x800000u;
   return uint16_t(sign | shift_rne(m, 126u - e));
+#endif
 }
 
 // rT of SPEC §3: float32 -> T, round to nearest even.

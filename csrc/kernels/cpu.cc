@@ -48,13 +48,13 @@ void cpu_finalize(const FinalizeArgs& a) {
   T* wire = static_cast<T*>(a.wire);
   for (int64_t m = 0; m < a.M; ++m) {
     const int32_t* idx_row = a.idx + m * a.K;
-    auto weight = [&](int k) {
-      return a.scales ? load_f32(a.scales, a.scales_dtype, m * a.K + k) : 1.0f;
+    auto weights = [&](int k0, const bool (&ok)[8], float (&w)[8]) {
+      load_weights<8>(a.scales, a.scales_dtype, m * a.K + k0, ok, w);
     };
     for (int64_t h = 0; h < a.H; ++h) {
       float acc[1];
       finalize_columns<1>(
-          acc, idx_row, int(a.K), a.P, weight, [&](int32_t p) { return x[p * a.H + h]; },
+          acc, idx_row, int(a.K), a.P, weights, [&](int32_t p) { return x[p * a.H + h]; },
           [](T raw, float (&v)[1]) { v[0] = to_f32(raw); });
       float sh[1];
       if (shared) sh[0] = to_f32(shared[m * a.H + h]);

@@ -3,6 +3,8 @@
 // the bounded waits. No op logic here (that is fused.cu and row.cuh).
 #pragma once
 
+#include <type_traits>
+
 #include "../common/exchange.h"
 #include "../common/numerics.h"
 #include "fused.h"
@@ -37,15 +39,22 @@ template <typename T16> struct Pack16 {
 #pragma unroll
     for (int i = 0; i < V; ++i) f[i] = to_f32(T16{uint16_t(w[i / 2] >> (16 * (i % 2)))});
   }
-  // Rounds each value to T (rT).
+  // Rounds each value to T (rT), two per conversion instruction.
   __device__ static uint4 pack(const float (&f)[V]) {
     uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      w[i] = uint32_t(from_f32<T16>(f[2 * i]).bits) |
-             (uint32_t(from_f32<T16>(f[2 * i + 1]).bits) << 16);
-    }
+    for (int i = 0; i < 4; ++i) w[i] = pack2(f[2 * i], f[2 * i + 1]);
     return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  // lo in bits 0..15, hi in 16..31 (the same rounding as from_f32<T16>).
+  __device__ static uint32_t pack2(float lo, float hi) {
+    uint32_t d;
+    if constexpr (std::is_same<T16, bf16_t>::value) {
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    } else {
+      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    }
+    return d;
   }
 };
 template <> struct Pack<bf16_t> : Pack16<bf16_t> {};

@@ -34,47 +34,101 @@ namespace {
 
 using namespace dev;
 
-// ---- phase 1: this rank's wire values for 16 bytes of row m ------------------
-template <typename T>
-__device__ __forceinline__ uint4 wire_vector(const FusedArgs& a, int64_t m, int64_t h0) {
+// ---- phase 1: this rank's wire values ---------------------------------------
+// NV 16-byte vectors of row m (vector indices v[0..NV)): the token's expert
+// slots, weights and indices are read once for all of them.
+template <typename T, int NV>
+__device__ __forceinline__ void wire_vectors(const FusedArgs& a, int64_t m, const int64_t (&v)[NV],
+                                             uint4 (&out)[NV]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
+  struct Raw { uint4 u[NV]; };
   const T* base = static_cast<const T*>(a.partial);
-  if (a.cfg.has(kDense)) return ldg16(base + m * a.H + h0);
-  float acc[V];
-  finalize_columns<V, MAR_KCHUNK>(
+  if (a.cfg.has(kDense)) {
+#pragma unroll
+    for (int n = 0; n < NV; ++n) out[n] = ldg16(base + m * a.H + v[n] * V);
+    return;
+  }
+  float acc[NV * V];
+  finalize_columns<NV * V, MAR_KCHUNK>(
       acc, a.idx + m * a.K, int(a.K), a.P,
-      [&](int k) { return a.scales ? load_f32(a.scales, a.scales_dtype, m * a.K + k) : 1.0f; },
-      [&](int32_t p) { return ldg16(base + int64_t(p) * a.H + h0); },
-      [](uint4 u, float (&x)[V]) { PK::unpack(u, x); });
-  float sh[V];
-  if (a.shared) PK::unpack(ldg16(static_cast<const T*>(a.shared) + m * a.H + h0), sh);
-  finalize_scale_and_shared<V>(acc, a.cfg.routed_scaling_factor, a.shared ? sh : nullptr);
-  return PK::pack(acc);
+      [&](int k0, const bool (&ok)[MAR_KCHUNK], float (&w)[MAR_KCHUNK]) {
+        load_weights<MAR_KCHUNK>(a.scales, a.scales_dtype, m * a.K + k0, ok, w);
+      },
+      [&](int32_t p) {
+        Raw r;
+        const T* row = base + int64_t(p) * a.H;
+#pragma unroll
+        for (int n = 0; n < NV; ++n) r.u[n] = ldg16(row + v[n] * V);
+        return r;
+      },
+      [](const Raw& r, float (&x)[NV * V]) {
+#pragma unroll
+        for (int n = 0; n < NV; ++n) {
+          float f[V];
+          PK::unpack(r.u[n], f);
+#pragma unroll
+          for (int j = 0; j < V; ++j) x[n * V + j] = f[j];
+        }
+      });
+  float sh[NV * V];
+  if (a.shared) {
+#pragma unroll
+    for (int n = 0; n < NV; ++n) {
+      float f[V];
+      PK::unpack(ldg16(static_cast<const T*>(a.shared) + m * a.H + v[n] * V), f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sh[n * V + j] = f[j];
+    }
+  }
+  finalize_scale_and_shared<NV * V>(acc, a.cfg.routed_scaling_factor, a.shared ? sh : nullptr);
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    float f[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = acc[n * V + j];
+    out[n] = avoid_sentinel<sizeof(T)>(PK::pack(f));
+  }
 }
 
-// Pushes every wire vector of this rank: item i = m * H/V + v, spread over the
-// whole grid, two items per thread at a time (their expert-row loads overlap).
-// dest(m) is the first destination rank of row m; n_dst ranks from there get it.
+// Pushes this rank's wire vectors of every row, spread over the whole grid:
+// item i is NV vectors of row m = i / (HV/NV), the j-th (j = i % (HV/NV)) of
+// each of the row's NV equal parts. dest(m) is the first destination rank of
+// row m; n_dst ranks from there get it.
+template <typename T, int NV, typename Dest>
+__device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeView& x,
+                                           const CallState& st, int n_dst, Dest dest) {
+  constexpr int V = Pack<T>::V;
+  const int64_t HV = a.H / V, part = HV / NV;  // HV is even: H is a multiple of 16
+  const uint64_t total = uint64_t(a.M) * uint64_t(part), stride = uint64_t(gridDim.x) * blockDim.x;
+  const uint64_t my_slot = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t m = int64_t(i / uint64_t(part)), j = int64_t(i) - m * part;
+    int64_t v[NV];
+#pragma unroll
+    for (int n = 0; n < NV; ++n) v[n] = j + n * part;
+    uint4 w[NV];
+    wire_vectors<T, NV>(a, m, v, w);
+    const int d = dest(m);
+    for (int s = d; s < d + n_dst; ++s) {
+      char* row = x.areas[s] + my_slot + uint64_t(m * HV) * 16u;
+#pragma unroll
+      for (int n = 0; n < NV; ++n) st_relaxed_sys(row + uint64_t(v[n]) * 16u, w[n]);
+    }
+  }
+}
+
+// One vector per thread when the grid has a thread for every vector (small M:
+// the shortest dependency chain per thread), else two of the same row per
+// item (large M: half the index and weight loads per vector).
 template <typename T, typename Dest>
 __device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView& x,
                                           const CallState& st, int n_dst, Dest dest) {
-  constexpr int V = Pack<T>::V;
-  const uint64_t HV = uint64_t(a.H / V);
-  const uint64_t total = uint64_t(a.M) * HV, stride = uint64_t(gridDim.x) * blockDim.x;
-  const uint64_t my_slot = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes;
-  for (uint64_t i0 = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i0 < total; i0 += 2 * stride) {
-    const uint64_t i1 = i0 + stride;
-    const bool has1 = i1 < total;
-    const int64_t m0 = int64_t(i0 / HV), m1 = int64_t(i1 / HV);
-    const uint4 w0 = avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m0, int64_t(i0 - m0 * HV) * V));
-    const uint4 w1 =
-        has1 ? avoid_sentinel<sizeof(T)>(wire_vector<T>(a, m1, int64_t(i1 - m1 * HV) * V)) : w0;
-    const int d0 = dest(m0), d1 = dest(m1);
-    for (int s = d0; s < d0 + n_dst; ++s) st_relaxed_sys(x.areas[s] + my_slot + i0 * 16u, w0);
-    if (has1)
-      for (int s = d1; s < d1 + n_dst; ++s) st_relaxed_sys(x.areas[s] + my_slot + i1 * 16u, w1);
-  }
+  const uint64_t vectors = uint64_t(a.M) * uint64_t(a.H / Pack<T>::V);
+  if (vectors <= uint64_t(gridDim.x) * blockDim.x)
+    push_items<T, 1>(a, x, st, n_dst, dest);
+  else
+    push_items<T, 2>(a, x, st, n_dst, dest);
 }
 
 // residual_out vectors v0 and (if has1) v1 of row m, packed: reads the N slots

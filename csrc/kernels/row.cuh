@@ -208,6 +208,8 @@ __device__ void finish_row(const FusedArgs& a, int64_t m, T* row, double sum_sq,
   const OpConfig& c = a.cfg;
   const int64_t H = a.H, HV = H / V;
   const float inv = rms_inv(block_sum(sum_sq, red_d), H, c.eps);  // barrier: row is staged
+  const bool quant = c.has(kOutQuant) && c.quant != QuantKind::kNone;
+  const bool row_amax = quant && c.quant == QuantKind::kFp8PerToken;  // others scan blocks
   float amax = 0.0f;
   for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
     float r[V], g[V];
@@ -216,14 +218,14 @@ __device__ void finish_row(const FusedArgs& a, int64_t m, T* row, double sum_sq,
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       r[j] = to_f32(norm_value<T>(r[j], inv, c.norm_weight_offset, g[j]));
-      amax = nan_max(amax, abs_f32(r[j]));
+      if (row_amax) amax = nan_max(amax, abs_f32(r[j]));
     }
     const uint4 packed = PK::pack(r);  // exact: the values are already T
     if (a.norm_out)
       *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + m * H + v * V) = packed;
     *reinterpret_cast<uint4*>(row + v * V) = packed;
   }
-  if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
+  if (quant) {
     __syncthreads();  // the quantizers read columns other threads staged
     quantize_row<T>(a, m, row, amax, red_f);
   }
