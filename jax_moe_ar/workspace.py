@@ -27,9 +27,12 @@ ALGO_ONESHOT, ALGO_TWOSHOT = 0, 1  # kernels/fused.h Algorithm
 # `auto` takes two-shot once a rank's partial is at least this many bytes, with three
 # or more ranks. With two ranks one-shot moves the same bytes (each rank sends its
 # partial once) without the second exchange, and it measured faster at every M, with
-# and without quantized outputs (2xH200, docs/perf.md v2). With four ranks two-shot won
-# from M = 512 at H = 7168 bf16 (4xH200, v1). Static shapes only: every rank decides alike.
-TWOSHOT_MIN_BYTES = 4 * 1024 * 1024
+# and without quantized outputs (2xH200, docs/perf.md v2 and v3). With four ranks
+# (4xH200, v3, H = 7168 bf16, no quant) one-shot won at M = 32 (448 KiB, 19.9 vs 22.4 us)
+# and two-shot at M = 64 (896 KiB, 21.3 vs 23.3 us) and above, also with FP8 and NVFP4
+# outputs at M >= 128: the threshold is where the measured gap interpolates to zero.
+# Static shapes only: every rank decides alike.
+TWOSHOT_MIN_BYTES = 704 * 1024
 
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0

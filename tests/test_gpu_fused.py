@@ -8,6 +8,7 @@ never-hang rule. Run on a multi-GPU machine: `pytest -m gpu`.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -221,7 +222,7 @@ MC = N4 if len(jax.devices()) >= 4 else N2
 
 
 def _run_script(body: str, env_extra: dict, timeout=300):
-    env = dict(os.environ, **env_extra)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **env_extra)
     code = _SCRIPT_PRELUDE.format(tests=os.path.dirname(__file__)) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
                           text=True, timeout=timeout)
@@ -299,10 +300,20 @@ def test_missing_peer_times_out_with_clear_error():
 
 
 def test_demo_runs_fused_on_gpus():
-    proc = subprocess.run([sys.executable, "-m", "jax_moe_ar", "demo"], cwd="/", capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gpu" in proc.stdout.lower()
+    # This pytest process holds most of each GPU's memory (XLA preallocates), so the
+    # child allocates on demand. Should it ever stall, SIGABRT makes Python's
+    # faulthandler print every thread's stack into the failure message.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen([sys.executable, "-m", "jax_moe_ar", "demo"], cwd="/", env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail("demo did not finish in 180 s:\n" + out[-3000:] + err[-6000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "gpu" in out.lower()
 
 
 @pytest.mark.parametrize("M", [128, 1000])

@@ -192,7 +192,7 @@ for _ in range(3):
 mar.check_errors()
 print("after reset", bool((res == n + 1).all()))
 """
-    env = dict(os.environ, JAX_MOE_AR_TIMEOUT_S="2")
+    env = dict(os.environ, JAX_MOE_AR_TIMEOUT_S="2", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
