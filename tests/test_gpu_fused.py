@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_moe_ar as mar
-from jax_moe_ar.testing import N2, N4, N4_DP2_TP2, make_mesh, sharded
+from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, make_mesh, sharded
 
 from cases import (ALL_QUANTS, BF16, DTYPES, F32, Q, assert_ranks_identical, build,
                    check_against_oracle, dtype_id, gen_case, oracle_outputs, run_case, seed_for)
@@ -40,7 +40,7 @@ def _hlo_targets(case, mesh_case):
     return f.lower(*args).as_text()
 
 
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("M", [1, 7, 128, 300])
 def test_agreement_no_quant(request, mesh_case, dtype, M):
@@ -54,7 +54,7 @@ def test_agreement_no_quant(request, mesh_case, dtype, M):
     check_against_oracle(per_rank[0], case)
 
 
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("quant", ALL_QUANTS, ids=lambda q: q.id)
 @pytest.mark.parametrize("M", [1, 7, 128, 300])
 def test_agreement_quant(request, mesh_case, quant, M):
@@ -110,7 +110,6 @@ def test_two_groups_dp2_tp2(request):
 
 
 def test_group_of_one(request):
-    from jax_moe_ar.testing import N1
     rng = _rng(request)
     case = gen_case(rng, N1, dtype=BF16, M=9, H=256, K=4, quant=Q.fp8_static(0.02))
     check_against_oracle(run_case(case, N1, platform="gpu", algorithm=ALGO)[0], case)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jax_moe_ar.testing import N2, N4
+from jax_moe_ar.testing import N1, N2, N4
 
 from cases import (BF16, F16, F32, Q, assert_ranks_identical, check_against_oracle, dtype_id,
                    gen_case, run_case, seed_for)
@@ -33,7 +33,7 @@ def _check(case, mesh_case, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
 def test_smallest_H(request, algorithm, mesh_case, dtype):
     case = gen_case(_rng(request), mesh_case, dtype=dtype, M=5, H=16, K=3, scales="f32",
@@ -42,7 +42,7 @@ def test_smallest_H(request, algorithm, mesh_case, dtype):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype,H,quant", [(BF16, 49152, Q.nvfp4()),
                                            (F16, 49152, Q.fp8_per_group(128)),
                                            (F32, 24576, Q.fp8_per_token()),
@@ -56,15 +56,16 @@ def test_largest_H(request, algorithm, mesh_case, dtype, H, quant):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("mesh_case", [N1, N2], ids=lambda c: c.id)
 @pytest.mark.parametrize("K", [1, 9, 13, 17])
-def test_K_not_a_multiple_of_the_chunk(request, algorithm, K):
-    case = gen_case(_rng(request), N2, dtype=BF16, M=33, H=1024, K=K, scales="f32",
+def test_K_not_a_multiple_of_the_chunk(request, algorithm, mesh_case, K):
+    case = gen_case(_rng(request), mesh_case, dtype=BF16, M=33, H=1024, K=K, scales="f32",
                     shared=True, rsf=2.5, oob=True, nw_dtype="f32")
-    _check(case, N2, algorithm)
+    _check(case, mesh_case, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 def test_many_rows_per_block(request, algorithm, mesh_case):
     """M = 2500 rows on at most one block per SM: every block walks many rows and
     pushes many vectors; gamma in float32 against bf16 activations."""

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_moe_ar as mar
 from jax_moe_ar import workspace
-from jax_moe_ar.testing import N2, N4, N4_DP2_TP2, make_mesh, sharded
+from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, make_mesh, sharded
 
 from cases import (ALL_QUANTS, BF16, DTYPES, F16, F32, Q, assert_ranks_identical, build,
                    check_against_oracle, dtype_id, gen_case, run_case, seed_for)
@@ -31,7 +31,7 @@ def _rng(request):
     return np.random.default_rng(seed_for(request.node.nodeid))
 
 
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("M", [1, 3, 129, 1000, 4096])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_agreement_no_quant(request, mesh_case, M, dtype):
@@ -44,7 +44,7 @@ def test_agreement_no_quant(request, mesh_case, M, dtype):
     check_against_oracle(per_rank[0], case)
 
 
-@pytest.mark.parametrize("mesh_case", [N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("quant", ALL_QUANTS, ids=lambda q: q.id)
 @pytest.mark.parametrize("M", [7, 129, 1000])
 def test_agreement_quant(request, mesh_case, quant, M):
