@@ -15,24 +15,21 @@ constexpr float kAmaxFloor = 1e-10f;
 constexpr int kFp4Block = 16;       // NVFP4 elements per scale
 
 // float8_e4m3fn code of x, round to nearest even. Callers saturate first
-// (|x| <= 448); NaN maps to the NaN code 0x7f with x's sign.
+// (|x| <= 448); NaN maps to the NaN code 0x7f with x's sign. Branch-free: both
+// candidate codes are computed and one is selected.
 MAR_HD uint8_t e4m3_encode(float x) {
-  uint32_t u = f32_bits(x);
-  uint32_t sign = (u >> 24) & 0x80u;
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);
-  if (a >= 0x3c800000u) {  // >= 2^-6: normal e4m3 (exponent bias 7)
-    uint32_t e = (a >> 23) - 120u;  // 127 - 7
-    uint32_t q = (e << 3) | ((a >> 20) & 0x7u);
-    uint32_t rem = a & 0xfffffu;
-    if (rem > 0x80000u || (rem == 0x80000u && (q & 1u))) ++q;  // carry bumps exponent
-    return uint8_t(sign | q);
-  }
-  // Subnormal e4m3: multiples of 2^-9; 8 * 2^-9 is the smallest normal (code 8).
-  uint32_t e = a >> 23;
-  if (e < 117u) return uint8_t(sign);  // below 2^-10: rounds to zero
-  uint32_t m = (a & 0x7fffffu) | 0x800000u;  // value = m * 2^(e-150)
-  return uint8_t(sign | shift_rne(m, 141u - e));  // units of 2^-9
+  const uint32_t u = f32_bits(x);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7fffffffu;
+  // >= 2^-6, normal e4m3: keep exponent and 3 mantissa bits, rounding the 20
+  // dropped bits to nearest even (a carry moves into the exponent, as it
+  // must), then rebias the exponent from 127 to 7.
+  const uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  // < 2^-6, subnormal e4m3: multiples of 2^-9. |x| * 2^9 < 8 is exact, and
+  // adding 2^23 rounds it to an integer (nearest even); 8 is the smallest normal.
+  const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 512.0f), 8388608.0f)) - 0x4b000000u;
+  const uint32_t q = a > 0x7f800000u ? 0x7fu : (a >= 0x3c800000u ? normal : sub);
+  return uint8_t(sign | q);
 }
 
 MAR_HD float e4m3_decode(uint8_t c) {
@@ -46,23 +43,18 @@ MAR_HD float e4m3_decode(uint8_t c) {
 
 // float4_e2m1fn code (4 bits) of x, round to nearest even. Callers saturate
 // first (|x| <= 6). NaN has no code in e2m1: it maps to 0x7 with x's sign
-// (SPEC: codes of a block holding NaN are unspecified).
+// (SPEC: codes of a block holding NaN are unspecified). Branch-free, as above.
 MAR_HD uint8_t e2m1_encode(float x) {
-  uint32_t u = f32_bits(x);
-  uint32_t sign = (u >> 28) & 0x8u;
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint8_t(sign | 0x7u);
-  if (a >= 0x3f800000u) {  // >= 1: normal e2m1 (exponent bias 1)
-    uint32_t e = (a >> 23) - 126u;
-    uint32_t q = (e << 1) | ((a >> 22) & 0x1u);
-    uint32_t rem = a & 0x3fffffu;
-    if (rem > 0x200000u || (rem == 0x200000u && (q & 1u))) ++q;
-    return uint8_t(sign | (q > 7u ? 7u : q));
-  }
-  uint32_t e = a >> 23;  // subnormal e2m1: multiples of 0.5
-  if (e < 125u) return uint8_t(sign);  // below 0.25: rounds to zero
-  uint32_t m = (a & 0x7fffffu) | 0x800000u;
-  return uint8_t(sign | shift_rne(m, 149u - e));  // units of 2^-1
+  const uint32_t u = f32_bits(x);
+  const uint32_t sign = (u >> 28) & 0x8u;
+  const uint32_t a = u & 0x7fffffffu;
+  // >= 1, normal e2m1: exponent and 1 mantissa bit, the 22 dropped bits
+  // rounded to nearest even, exponent rebiased from 127 to 1; 6 is code 7.
+  const uint32_t normal = ((a + 0x1fffffu + ((a >> 22) & 1u)) >> 22) - (126u << 1);
+  // < 1, subnormal e2m1: multiples of 0.5, rounded like e4m3's above (2 is 1.0).
+  const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 2.0f), 8388608.0f)) - 0x4b000000u;
+  const uint32_t q = a > 0x7f800000u ? 7u : (a >= 0x3f800000u ? (normal > 7u ? 7u : normal) : sub);
+  return uint8_t(sign | q);
 }
 
 MAR_HD float e2m1_decode(uint8_t c) {

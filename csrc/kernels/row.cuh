@@ -53,6 +53,20 @@ __device__ __forceinline__ void load_staged(const T* p, float (&f)[n]) {
   }
 }
 
+// 4 float32 values of the staged row from p (aligned to 4 elements): one
+// 8-byte shared-memory read for 16-bit T, 16 bytes for float32.
+template <typename T>
+__device__ __forceinline__ void load_staged4(const T* p, float (&f)[4]) {
+  if constexpr (sizeof(T) == 4) {
+    Pack<float>::unpack(*reinterpret_cast<const uint4*>(p), f);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = to_f32(T{uint16_t(w[i / 2] >> (16 * (i % 2)))});
+  }
+}
+
 template <typename T>
 __device__ void write_fp8_codes(uint8_t* out, const T* row, int64_t H, float inv_scale) {
   for (int64_t h = int64_t(threadIdx.x) * 8; h < H; h += int64_t(blockDim.x) * 8) {
@@ -93,19 +107,43 @@ __device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float 
       break;
     }
     case QuantKind::kFp8PerGroup: {
+      // A warp per group. With group sizes a multiple of 4 each lane takes 4
+      // adjacent elements at a time (one shared-memory read, one 4-byte store of
+      // codes); the amax is a max, so the order it is taken in does not matter.
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
       const int64_t gs = c.group_size, G = H / gs;
+      const bool by4 = gs % 4 == 0;
       for (int64_t g = warp; g < G; g += nwarps) {
         const T* grp = row + g * gs;
         float amax = 0.0f;
-        for (int64_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
+        if (by4) {
+          for (int64_t e = 4 * lane; e < gs; e += 128) {
+            float v[4];
+            load_staged4<T>(grp + e, v);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) amax = nan_max(amax, abs_f32(v[j]));
+          }
+        } else {
+          for (int64_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
+        }
         float s = fp8_scale(warp_nan_max(amax));
         if (c.has(kUe8m0)) s = ue8m0_round(s);
         const float inv = div_rn(1.0f, s);
         if (lane == 0)
           static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * a.M + m : m * G + g] = s;
         uint8_t* out = a.quant_out + m * H + g * gs;
-        for (int64_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
+        if (by4) {
+          for (int64_t e = 4 * lane; e < gs; e += 128) {
+            float v[4];
+            load_staged4<T>(grp + e, v);
+            uint32_t w = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) w |= uint32_t(fp8_code(v[j], inv)) << (8 * j);
+            *reinterpret_cast<uint32_t*>(out + e) = w;
+          }
+        } else {
+          for (int64_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
+        }
       }
       break;
     }
