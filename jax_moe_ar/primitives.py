@@ -226,7 +226,9 @@ _warned: set[str] = set()
 def _cuda_lowering(ctx, *args, cfg: OpConfig):
     res = _residual_aval(cfg, ctx.avals_in)
     (M, H), T = res.shape, jnp.dtype(res.dtype)
-    plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm)
+    largest = max(int(np.prod(a.shape)) for a in ctx.avals_in)
+    plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm,
+                          largest)
     if plan.workspace_id is None:
         if cfg.algorithm != "auto":
             raise RuntimeError(

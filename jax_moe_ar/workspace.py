@@ -21,6 +21,7 @@ from . import _native
 
 MAX_GROUP = 16           # ranks per group the kernel supports (kernels/fused.h kMaxRanks)
 MAX_ROW_BYTES = 96 * 1024  # one row of T is staged in shared memory
+MAX_ELEMENTS = 1 << 31     # per array of a call: the kernels index with 32-bit math
 MIN_SLOT_BYTES = 1 << 20
 ALGO_ONESHOT, ALGO_TWOSHOT = 0, 1  # kernels/fused.h Algorithm
 
@@ -86,7 +87,7 @@ _by_groups: dict[tuple, list[tuple[int, int]]] = {}  # groups -> [(slot_bytes, i
 _refused: dict[tuple, str] = {}
 
 
-def _unservable_reason(groups, H, itemsize) -> str | None:
+def _unservable_reason(groups, H, itemsize, largest) -> str | None:
     import jax
     if not getattr(_native, "with_cuda", False):
         return "jax_moe_ar was built without CUDA kernels (no nvcc at build time)"
@@ -94,6 +95,8 @@ def _unservable_reason(groups, H, itemsize) -> str | None:
         return f"group of {len(groups[0])} ranks (the kernel serves at most {MAX_GROUP})"
     if H * itemsize > MAX_ROW_BYTES:
         return f"rows of {H * itemsize} bytes (the kernel stages at most {MAX_ROW_BYTES})"
+    if largest >= MAX_ELEMENTS:
+        return f"an operand of {largest} elements (the kernel indexes at most 2^31 - 1)"
     me = jax.process_index()
     for g in groups:
         if any(d.process_index != g[0].process_index for d in g):
@@ -112,8 +115,9 @@ def _unservable_reason(groups, H, itemsize) -> str | None:
     return None
 
 
-def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str) -> Plan:
-    """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`."""
+def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str, largest: int = 0) -> Plan:
+    """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`;
+    `largest` is the element count of the call's largest operand."""
     mesh = getattr(axis_context, "mesh", None)
     if mesh is None or not hasattr(mesh, "devices"):
         return Plan(None, reason="the call is not inside jax.shard_map over a concrete mesh")
@@ -125,7 +129,7 @@ def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str) -> Plan:
         # Lowered for CUDA on a machine without those devices (jax.export,
         # lower-only tests): no workspace can exist; the handler refuses to run.
         return Plan(0, code, reason="lowered without CUDA devices")
-    reason = _unservable_reason(groups, H, itemsize)
+    reason = _unservable_reason(groups, H, itemsize, largest)
     if reason is not None:
         return Plan(None, reason=reason)
     ws, reason = _workspace_for(groups, M * H * itemsize)

@@ -9,7 +9,9 @@ namespace mar {
 
 // An index selects a row of expert_out only when 0 <= p < P; anything else
 // (-1, out of range, negative) is skipped and never dereferenced.
-MAR_HD bool valid_expert_row(int32_t p, int64_t P) { return p >= 0 && int64_t(p) < P; }
+// IntP is int64_t on the host; the device passes P as int32_t (a call's arrays
+// stay under 2^31 elements there), which keeps the test to 32-bit compares.
+template <typename IntP> MAR_HD bool valid_expert_row(int32_t p, IntP P) { return p >= 0 && p < P; }
 
 // Finalize V adjacent columns of one token:
 //   acc = sum_k (w_k * x[p_k]) in k order, skipping invalid p_k;
@@ -21,8 +23,9 @@ MAR_HD bool valid_expert_row(int32_t p, int64_t P) { return p >= 0 && int64_t(p)
 // unpack(raw, x) fills x[0..V) with its float32 values; weights(k0, ok, w)
 // fills w[i] with the router weight of slot k0 + i as float32 where ok[i]
 // (load_weights below).
-template <int V, int kChunk = 8, typename Weights, typename LoadRow, typename Unpack>
-MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int64_t P,
+template <int V, int kChunk = 8, typename IntP, typename Weights, typename LoadRow,
+          typename Unpack>
+MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, IntP P,
                              Weights weights, LoadRow load_row, Unpack unpack) {
   using Raw = decltype(load_row(int32_t(0)));
   MAR_UNROLL
@@ -54,8 +57,8 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, int
 // Router weights of one token's slots k0 .. k0+kChunk where ok[i]: `scales`
 // is the [M, K] array of dtype dt (nullptr: every weight is 1) and `first`
 // the element index of slot k0. One dtype branch per chunk, not per slot.
-template <int kChunk>
-MAR_HD void load_weights(const void* scales, DType dt, int64_t first, const bool (&ok)[kChunk],
+template <int kChunk, typename Index>
+MAR_HD void load_weights(const void* scales, DType dt, Index first, const bool (&ok)[kChunk],
                          float (&w)[kChunk]) {
   MAR_UNROLL
   for (int i = 0; i < kChunk; ++i) w[i] = 1.0f;

@@ -60,6 +60,19 @@ template <typename T16> struct Pack16 {
 template <> struct Pack<bf16_t> : Pack16<bf16_t> {};
 template <> struct Pack<f16_t> : Pack16<f16_t> {};
 
+// Address of the 16-byte vector v of row `row` in a row-major [rows, H] array
+// of T. 32-bit index math (fused_capacity_problem keeps every array of a call
+// under 2^31 elements); the one widening is the pointer add.
+template <typename T>
+__device__ __forceinline__ const T* elem_ptr(const void* base, uint32_t row, uint32_t H,
+                                             uint32_t v) {
+  return static_cast<const T*>(base) + (row * H + v * uint32_t(Pack<T>::V));
+}
+template <typename T>
+__device__ __forceinline__ T* elem_ptr(void* base, uint32_t row, uint32_t H, uint32_t v) {
+  return static_cast<T*>(base) + (row * H + v * uint32_t(Pack<T>::V));
+}
+
 // Read-only input data (never written during the kernel).
 __device__ __forceinline__ uint4 ldg16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
@@ -122,26 +135,23 @@ struct CallState {
   uint64_t t0;     // start of the call, for the wait bound
 };
 
+// Nothing here gates the first loads of the inputs: callers branch on
+// `poisoned` only where they store or wait, so the counters' load latency
+// overlaps the loads of indices and expert rows.
 __device__ __forceinline__ CallState begin_call(const ExchangeView& x) {
   CallState s;
-  s.epoch = ld_volatile_u32(&x.counters->epoch);
+  s.epoch = ld_volatile_u32(&x.counters->epoch[blockIdx.x]);
   s.poisoned = ld_volatile_u32(&x.counters->status) != 0u;
   s.slot0 = uint64_t(s.epoch % kNumBuffers) * uint64_t(x.nranks);
   s.t0 = global_timer_ns();
   return s;
 }
 
-// The last block to finish advances the epoch: the next call on this stream
-// uses the next buffer. Every block read `epoch` at entry, before arriving. No
-// fence: nothing in this call reads the new epoch, and the next kernel on the
-// stream sees every write of this one (a fence here would wait for this
-// thread's NVLink stores to be acknowledged, at the end of every call).
+// This block is done with call `epoch`: the next call on this stream uses the
+// next buffer. A plain store, no fence: nothing in this call reads it, and the
+// next kernel on the stream sees every write of this one.
 __device__ __forceinline__ void finish_call(const ExchangeView& x, uint32_t epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(&x.counters->arrived, 1u) == gridDim.x - 1) {
-    x.counters->arrived = 0u;
-    x.counters->epoch = epoch + 1u;
-  }
+  if (threadIdx.x == 0) x.counters->epoch[blockIdx.x] = epoch + 1u;
 }
 
 // Phase times of block 0 (thread 0) into the workspace's host-mapped trace,
@@ -182,14 +192,15 @@ struct Tracer {
 // Called every 256 spins of a wait: true when the wait must end — this rank
 // already failed (the workspace is poisoned), or the bound passed, in which
 // case the first thread to notice records the failure for the host.
-__device__ __noinline__ bool wait_expired(const ExchangeView& x, const CallState& st, int peer) {
+__device__ __noinline__ bool wait_expired(const ExchangeView& x, uint32_t epoch, uint64_t t0,
+                                          int peer) {
   if (ld_volatile_u32(&x.counters->status) != 0u) return true;
-  const uint64_t waited = global_timer_ns() - st.t0;
+  const uint64_t waited = global_timer_ns() - t0;
   if (waited <= x.timeout_ns) return false;
   if (atomicCAS(&x.counters->status, 0u, 1u) == 0u) {
     x.error->rank = x.rank;
     x.error->peer = peer;
-    x.error->epoch = st.epoch;
+    x.error->epoch = epoch;
     x.error->waited_ns = waited;
     __threadfence_system();
     *reinterpret_cast<volatile int32_t*>(&x.error->flag) = 1;
@@ -205,7 +216,7 @@ __device__ __forceinline__ uint4 wait_slot(uint4 d, const char* p, const Exchang
                                            const CallState& st, int peer) {
   uint32_t spins = 0;
   while (holds_sentinel<kElemBytes>(d)) {
-    if ((++spins & 255u) == 0u && wait_expired(x, st, peer)) return kSentinel4;
+    if ((++spins & 255u) == 0u && wait_expired(x, st.epoch, st.t0, peer)) return kSentinel4;
     d = ld_relaxed_sys(p);
   }
   return d;
@@ -216,7 +227,7 @@ __device__ __forceinline__ bool wait_flag(const uint32_t* flag, uint32_t want,
                                           const ExchangeView& x, const CallState& st, int peer) {
   uint32_t spins = 0;
   while (ld_acquire_sys(flag) != want) {
-    if ((++spins & 255u) == 0u && wait_expired(x, st, peer)) return false;
+    if ((++spins & 255u) == 0u && wait_expired(x, st.epoch, st.t0, peer)) return false;
   }
   return true;
 }

@@ -38,28 +38,27 @@ using namespace dev;
 // NV 16-byte vectors of row m (vector indices v[0..NV)): the token's expert
 // slots, weights and indices are read once for all of them.
 template <typename T, int NV>
-__device__ __forceinline__ void wire_vectors(const FusedArgs& a, int64_t m, const int64_t (&v)[NV],
+__device__ __forceinline__ void wire_vectors(const FusedArgs& a, uint32_t m, const uint32_t (&v)[NV],
                                              uint4 (&out)[NV]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
   struct Raw { uint4 u[NV]; };
-  const T* base = static_cast<const T*>(a.partial);
+  const uint32_t H = uint32_t(a.H), K = uint32_t(a.K);
   if (a.cfg.has(kDense)) {
 #pragma unroll
-    for (int n = 0; n < NV; ++n) out[n] = ldg16(base + m * a.H + v[n] * V);
+    for (int n = 0; n < NV; ++n) out[n] = ldg16(elem_ptr<T>(a.partial, m, H, v[n]));
     return;
   }
   float acc[NV * V];
   finalize_columns<NV * V, MAR_KCHUNK>(
-      acc, a.idx + m * a.K, int(a.K), a.P,
+      acc, a.idx + m * K, int(K), int32_t(a.P),
       [&](int k0, const bool (&ok)[MAR_KCHUNK], float (&w)[MAR_KCHUNK]) {
-        load_weights<MAR_KCHUNK>(a.scales, a.scales_dtype, m * a.K + k0, ok, w);
+        load_weights<MAR_KCHUNK>(a.scales, a.scales_dtype, m * K + uint32_t(k0), ok, w);
       },
       [&](int32_t p) {
         Raw r;
-        const T* row = base + int64_t(p) * a.H;
 #pragma unroll
-        for (int n = 0; n < NV; ++n) r.u[n] = ldg16(row + v[n] * V);
+        for (int n = 0; n < NV; ++n) r.u[n] = ldg16(elem_ptr<T>(a.partial, uint32_t(p), H, v[n]));
         return r;
       },
       [](const Raw& r, float (&x)[NV * V]) {
@@ -76,7 +75,7 @@ __device__ __forceinline__ void wire_vectors(const FusedArgs& a, int64_t m, cons
 #pragma unroll
     for (int n = 0; n < NV; ++n) {
       float f[V];
-      PK::unpack(ldg16(static_cast<const T*>(a.shared) + m * a.H + v[n] * V), f);
+      PK::unpack(ldg16(elem_ptr<T>(a.shared, m, H, v[n])), f);
 #pragma unroll
       for (int j = 0; j < V; ++j) sh[n * V + j] = f[j];
     }
@@ -94,26 +93,28 @@ __device__ __forceinline__ void wire_vectors(const FusedArgs& a, int64_t m, cons
 // Pushes this rank's wire vectors of every row, spread over the whole grid:
 // item i is NV vectors of row m = i / (HV/NV), the j-th (j = i % (HV/NV)) of
 // each of the row's NV equal parts. dest(m) is the first destination rank of
-// row m; n_dst ranks from there get it.
+// row m; n_dst ranks from there get it. The wire values are computed before
+// `poisoned` is looked at, so the counters' load is not on the inputs' path.
 template <typename T, int NV, typename Dest>
 __device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeView& x,
                                            const CallState& st, int n_dst, Dest dest) {
   constexpr int V = Pack<T>::V;
-  const int64_t HV = a.H / V, part = HV / NV;  // HV is even: H is a multiple of 16
-  const uint64_t total = uint64_t(a.M) * uint64_t(part), stride = uint64_t(gridDim.x) * blockDim.x;
+  const uint32_t HV = uint32_t(a.H) / V, part = HV / NV;  // HV is even: H is a multiple of 16
+  const uint32_t total = uint32_t(a.M) * part, stride = gridDim.x * blockDim.x;
   const uint64_t my_slot = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes;
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t m = int64_t(i / uint64_t(part)), j = int64_t(i) - m * part;
-    int64_t v[NV];
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const uint32_t m = i / part, j = i - m * part;
+    uint32_t v[NV];
 #pragma unroll
     for (int n = 0; n < NV; ++n) v[n] = j + n * part;
     uint4 w[NV];
     wire_vectors<T, NV>(a, m, v, w);
+    if (st.poisoned) continue;
     const int d = dest(m);
     for (int s = d; s < d + n_dst; ++s) {
-      char* row = x.areas[s] + my_slot + uint64_t(m * HV) * 16u;
+      char* slot = x.areas[s] + my_slot;
 #pragma unroll
-      for (int n = 0; n < NV; ++n) st_relaxed_sys(row + uint64_t(v[n]) * 16u, w[n]);
+      for (int n = 0; n < NV; ++n) st_relaxed_sys(slot + uint64_t(m * HV + v[n]) * 16u, w[n]);
     }
   }
 }
@@ -124,8 +125,8 @@ __device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeVie
 template <typename T, typename Dest>
 __device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView& x,
                                           const CallState& st, int n_dst, Dest dest) {
-  const uint64_t vectors = uint64_t(a.M) * uint64_t(a.H / Pack<T>::V);
-  if (vectors <= uint64_t(gridDim.x) * blockDim.x)
+  const uint32_t vectors = uint32_t(a.M) * uint32_t(a.H / Pack<T>::V);
+  if (vectors <= gridDim.x * blockDim.x)
     push_items<T, 1>(a, x, st, n_dst, dest);
   else
     push_items<T, 2>(a, x, st, n_dst, dest);
@@ -136,14 +137,14 @@ __device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView
 // still empty, clears them, sums in rank order and adds the residual.
 template <typename T>
 __device__ __forceinline__ void reduce_vectors(const FusedArgs& a, const ExchangeView& x,
-                                               const CallState& st, int64_t m, int64_t v0,
-                                               int64_t v1, bool has1, uint4 (&out)[2]) {
+                                               const CallState& st, uint32_t m, uint32_t v0,
+                                               uint32_t v1, bool has1, uint4 (&out)[2]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-  const T* res = static_cast<const T*>(a.residual) + m * a.H;
-  const uint4 rv[2] = {ldg16(res + v0 * V), has1 ? ldg16(res + v1 * V) : kSentinel4};
-  const uint64_t e[2] = {uint64_t(m * a.H + v0 * V) * sizeof(T),
-                         uint64_t(m * a.H + v1 * V) * sizeof(T)};
+  const uint32_t H = uint32_t(a.H), HV = H / V;
+  const uint4 rv[2] = {ldg16(elem_ptr<T>(a.residual, m, H, v0)),
+                       has1 ? ldg16(elem_ptr<T>(a.residual, m, H, v1)) : kSentinel4};
+  const uint64_t e[2] = {uint64_t(m * HV + v0) * 16u, uint64_t(m * HV + v1) * 16u};
   const char* mine = x.areas[x.rank] + st.slot0 * x.slot_bytes;
   const int nb = has1 ? 2 : 1;
   float y[2][V];
@@ -198,12 +199,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  if (!st.poisoned) push_rows<T>(a, x, st, x.nranks, [](int64_t) { return 0; });
+  push_rows<T>(a, x, st, x.nranks, [](uint32_t) { return 0; });
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   tr.lap(kTraceOther);
-  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) {
-    const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+  for (uint32_t m = blockIdx.x; m < uint32_t(a.M); m += gridDim.x) {
+    const double sq = stage_row<T>(a, m, row, [&](uint32_t v0, uint32_t v1, bool has1, uint4(&out)[2]) {
       reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
     });
     tr.lap(kTraceStage);
@@ -356,28 +357,27 @@ __global__ void __launch_bounds__(kMaxThreads)
   T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
   // Rows are owned in contiguous chunks: rank r owns [r*chunk, min(M, (r+1)*chunk)).
-  const uint32_t chunk = uint32_t((a.M + x.nranks - 1) / x.nranks);
-  const int64_t lo = int64_t(x.rank) * chunk < a.M ? int64_t(x.rank) * chunk : a.M;
-  const int64_t hi = lo + chunk < a.M ? lo + chunk : a.M;
-  auto owner = [chunk](int64_t m) { return int(m / chunk); };
+  const uint32_t M = uint32_t(a.M), chunk = (M + x.nranks - 1) / x.nranks;
+  const uint32_t lo = min(uint32_t(x.rank) * chunk, M), hi = min(lo + chunk, M);
+  auto owner = [chunk](uint32_t m) { return int(m / chunk); };
   Tracer tr(x, trace_words);
-  if (!st.poisoned) push_rows<T>(a, x, st, 1, owner);
+  push_rows<T>(a, x, st, 1, owner);
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   const Packet pk = packet_of(a, int(sizeof(T)));
   const bool send = pk.residual && !st.poisoned;
   tr.lap(kTraceOther);
   // Owned rows first: their packets are what the other ranks' blocks wait for.
-  for (int64_t m = lo + blockIdx.x; m < hi; m += gridDim.x) {
+  for (uint32_t m = lo + blockIdx.x; m < hi; m += gridDim.x) {
     tr.row();
-    const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
+    const double sq = stage_row<T>(a, m, row, [&](uint32_t v0, uint32_t v1, bool has1, uint4(&out)[2]) {
       reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
       if (!send) return;
       for (int p = 0; p < x.nranks; ++p) {
         if (p == x.rank) continue;
         char* dst = packet_at(x, p, pk, m);
-        *reinterpret_cast<uint4*>(dst + v0 * 16) = out[0];
-        if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16) = out[1];
+        *reinterpret_cast<uint4*>(dst + v0 * 16u) = out[0];
+        if (has1) *reinterpret_cast<uint4*>(dst + v1 * 16u) = out[1];
       }
     });
     tr.lap(kTraceStage);
@@ -388,9 +388,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (pk.code_bytes && !st.poisoned) send_codes(a, x, pk, m, st.epoch);
     tr.lap(kTraceOther);
   }
-  const int64_t others = a.M - (hi - lo);
-  for (int64_t i = blockIdx.x; i < others; i += gridDim.x) {
-    const int64_t m = i < lo ? i : i + (hi - lo);
+  const uint32_t others = M - (hi - lo);
+  for (uint32_t i = blockIdx.x; i < others; i += gridDim.x) {
+    const uint32_t m = i < lo ? i : i + (hi - lo);
     tr.row();
     if (!pk.residual) {
       receive_codes(a, x, pk, m, owner(m), st, &ok_flag);
@@ -398,9 +398,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     } else {
       const bool ok = await_row(x, m, owner(m), st, &ok_flag);
       const char* src = packet_at(x, x.rank, pk, m);
-      const double sq = stage_row<T>(a, m, row, [&](int64_t v0, int64_t v1, bool has1, uint4(&out)[2]) {
-        out[0] = ok ? ld_relaxed_sys(src + v0 * 16) : kSentinel4;
-        out[1] = ok && has1 ? ld_relaxed_sys(src + v1 * 16) : kSentinel4;
+      const double sq = stage_row<T>(a, m, row, [&](uint32_t v0, uint32_t v1, bool has1, uint4(&out)[2]) {
+        out[0] = ok ? ld_relaxed_sys(src + v0 * 16u) : kSentinel4;
+        out[1] = ok && has1 ? ld_relaxed_sys(src + v1 * 16u) : kSentinel4;
       });
       tr.lap(kTraceStage);
       finish_row<T>(a, m, row, sq, red_d, red_f);  // its barriers also protect ok_flag
@@ -413,9 +413,11 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Threads per block: enough that a row's H/V vectors take at most two per
-// thread (one batch of stage_row). Grid: enough blocks that the push phase has
-// about one vector per thread, at least one block per row, at most one block
-// per SM of the group's smallest GPU.
+// thread (one batch of stage_row). Grid: always one block per SM of the group's
+// smallest GPU (every block resident, so the cross-rank waits cannot deadlock on
+// scheduling; and the same grid for every call, which the per-block epochs of
+// DeviceCounters rely on). Blocks without a row or a vector to push only
+// advance their epoch.
 struct Geometry {
   int threads, grid;
 };
@@ -425,8 +427,7 @@ Geometry geometry_of(const FusedArgs& a, const ExchangeView& x) {
   const int64_t vectors = a.H / Pack<T>::V;
   const int64_t threads =
       std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up((vectors + 1) / 2, 32)));
-  const int64_t blocks = std::max<int64_t>(a.M, (a.M * vectors + threads - 1) / threads);
-  return {int(threads), int(std::min<int64_t>(blocks, x.group_sms))};
+  return {int(threads), x.group_sms};
 }
 
 template <typename T>
@@ -466,6 +467,11 @@ static int elem_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 const char* fused_capacity_problem(DType t, const FusedArgs& a, const ExchangeView& x,
                                    Algorithm algorithm) {
   const uint64_t row_bytes = uint64_t(a.H) * uint64_t(elem_bytes(t));
+  // The kernels index elements with 32-bit math.
+  constexpr uint64_t kMaxElements = uint64_t(1) << 31;
+  if (uint64_t(a.M) * uint64_t(a.H) >= kMaxElements || uint64_t(a.P) * uint64_t(a.H) >= kMaxElements ||
+      uint64_t(a.M) * uint64_t(a.K) >= kMaxElements)
+    return "the call's arrays exceed 2^31 elements (the kernels index them with 32-bit math)";
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
   if (row_bytes > uint64_t(kMaxRowBytes))

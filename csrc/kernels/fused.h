@@ -20,12 +20,18 @@ constexpr int kMaxRanks = 16;
 //             (all-gather of what was asked for: quantized bytes where only quant is).
 enum class Algorithm : int32_t { kOneShot = 0, kTwoShot = 1 };
 
+// Blocks of every launch: the grid is always ExchangeView::group_sms blocks
+// (at most this many), so that each block can keep its own epoch.
+constexpr int kMaxGrid = 1024;
+
 // Per-rank counters in device memory.
 struct DeviceCounters {
-  uint32_t epoch;    // calls completed on this rank; selects the rotating buffer
-  uint32_t arrived;  // blocks of the running call that have finished
-  uint32_t status;   // 0: healthy; 1: a wait timed out, the workspace is poisoned
-  uint32_t pad;
+  uint32_t status;        // 0: healthy; 1: a wait timed out, the workspace is poisoned
+  uint32_t pad[31];       // status alone on its 128-byte line
+  // Calls block b of this rank has completed; selects the rotating buffer. Every
+  // launch has the same grid, so all blocks' counts agree at the start of a call,
+  // and each block advances its own at its end: no grid-wide atomic, no wait.
+  uint32_t epoch[kMaxGrid];
 };
 
 // Host-mapped record of the first failure a rank saw, for the host to report.

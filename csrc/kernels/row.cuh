@@ -14,7 +14,7 @@ namespace dev {
 
 // gamma[v*V .. v*V+V) as float32; gamma is T or float32 (SPEC §2).
 template <typename T>
-__device__ __forceinline__ void load_gamma(const FusedArgs& a, int64_t v, float (&g)[Pack<T>::V]) {
+__device__ __forceinline__ void load_gamma(const FusedArgs& a, uint32_t v, float (&g)[Pack<T>::V]) {
   constexpr int V = Pack<T>::V;
   if (a.gamma_dtype == DType::kF32) {
     const float* p = static_cast<const float*>(a.gamma) + v * V;
@@ -30,9 +30,9 @@ __device__ __forceinline__ void load_gamma(const FusedArgs& a, int64_t v, float 
   }
 }
 
-__device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, int64_t H) {
-  const int64_t bytes = H * (a.gamma_dtype == DType::kF32 ? 4 : 2);
-  for (int64_t b = int64_t(threadIdx.x) * 128; b < bytes; b += int64_t(blockDim.x) * 128)
+__device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, uint32_t H) {
+  const uint32_t bytes = H * (a.gamma_dtype == DType::kF32 ? 4u : 2u);
+  for (uint32_t b = threadIdx.x * 128u; b < bytes; b += blockDim.x * 128u)
     prefetch_l1(static_cast<const char*>(a.gamma) + b);
 }
 
@@ -68,8 +68,8 @@ __device__ __forceinline__ void load_staged4(const T* p, float (&f)[4]) {
 }
 
 template <typename T>
-__device__ void write_fp8_codes(uint8_t* out, const T* row, int64_t H, float inv_scale) {
-  for (int64_t h = int64_t(threadIdx.x) * 8; h < H; h += int64_t(blockDim.x) * 8) {
+__device__ void write_fp8_codes(uint8_t* out, const T* row, uint32_t H, float inv_scale) {
+  for (uint32_t h = threadIdx.x * 8u; h < H; h += blockDim.x * 8u) {
     float v[8];
     load_staged<T>(row + h, v);
     uint32_t lo = 0, hi = 0;
@@ -92,10 +92,10 @@ __device__ __forceinline__ void zero_swizzle_padding_columns(uint8_t* sf_out, in
 }
 
 template <typename T>
-__device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float thread_amax,
+__device__ void quantize_row(const FusedArgs& a, uint32_t m, const T* row, float thread_amax,
                              float* red) {
   const OpConfig& c = a.cfg;
-  const int64_t H = a.H;
+  const uint32_t H = uint32_t(a.H);
   switch (c.quant) {
     case QuantKind::kFp8Static:
       write_fp8_codes(a.quant_out + m * H, row, H, div_rn(1.0f, a.quant_scale[0]));
@@ -111,29 +111,29 @@ __device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float 
       // adjacent elements at a time (one shared-memory read, one 4-byte store of
       // codes); the amax is a max, so the order it is taken in does not matter.
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-      const int64_t gs = c.group_size, G = H / gs;
+      const uint32_t gs = uint32_t(c.group_size), G = H / gs;
       const bool by4 = gs % 4 == 0;
-      for (int64_t g = warp; g < G; g += nwarps) {
+      for (uint32_t g = warp; g < G; g += nwarps) {
         const T* grp = row + g * gs;
         float amax = 0.0f;
         if (by4) {
-          for (int64_t e = 4 * lane; e < gs; e += 128) {
+          for (uint32_t e = 4 * lane; e < gs; e += 128) {
             float v[4];
             load_staged4<T>(grp + e, v);
 #pragma unroll
             for (int j = 0; j < 4; ++j) amax = nan_max(amax, abs_f32(v[j]));
           }
         } else {
-          for (int64_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
+          for (uint32_t e = lane; e < gs; e += 32) amax = nan_max(amax, abs_f32(to_f32(grp[e])));
         }
         float s = fp8_scale(warp_nan_max(amax));
         if (c.has(kUe8m0)) s = ue8m0_round(s);
         const float inv = div_rn(1.0f, s);
         if (lane == 0)
-          static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * a.M + m : m * G + g] = s;
+          static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * uint32_t(a.M) + m : m * G + g] = s;
         uint8_t* out = a.quant_out + m * H + g * gs;
         if (by4) {
-          for (int64_t e = 4 * lane; e < gs; e += 128) {
+          for (uint32_t e = 4 * lane; e < gs; e += 128) {
             float v[4];
             load_staged4<T>(grp + e, v);
             uint32_t w = 0;
@@ -142,17 +142,17 @@ __device__ void quantize_row(const FusedArgs& a, int64_t m, const T* row, float 
             *reinterpret_cast<uint32_t*>(out + e) = w;
           }
         } else {
-          for (int64_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
+          for (uint32_t e = lane; e < gs; e += 32) out[e] = fp8_code(to_f32(grp[e]), inv);
         }
       }
       break;
     }
     case QuantKind::kNvFp4: {
       const float gsc = a.quant_scale[0];
-      const int64_t nb = H / kFp4Block;
+      const uint32_t nb = H / kFp4Block;
       const bool swz = c.has(kFp4Swizzled);
       uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
-      for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
+      for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x) {
         float v[kFp4Block];
         load_staged<T>(row + b * kFp4Block, v);
         float vmax = 0.0f;
@@ -209,27 +209,27 @@ __device__ __forceinline__ void zero_swizzle_padding_rows(const FusedArgs& a) {
 // (if asked) and to the shared staging row. Returns this thread's sum of
 // squares, accumulated in a fixed order (v0, v1, v0 + 2*blockDim, ...).
 template <typename T, typename Fetch>
-__device__ __forceinline__ double stage_row(const FusedArgs& a, int64_t m, T* row, Fetch fetch) {
+__device__ __forceinline__ double stage_row(const FusedArgs& a, uint32_t m, T* row, Fetch fetch) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-  const int64_t H = a.H, HV = H / V, bd = blockDim.x;
+  const uint32_t H = uint32_t(a.H), HV = H / V, bd = blockDim.x;
   prefetch_gamma(a, H);
   double sum_sq = 0.0;
-  for (int64_t v0 = threadIdx.x; v0 < HV; v0 += 2 * bd) {
-    const int64_t v1 = v0 + bd;
+  for (uint32_t v0 = threadIdx.x; v0 < HV; v0 += 2 * bd) {
+    const uint32_t v1 = v0 + bd;
     const bool has1 = v1 < HV;
     uint4 out[2];
     fetch(v0, v1, has1, out);
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       if (b == 1 && !has1) break;
-      const int64_t v = b == 0 ? v0 : v1;
+      const uint32_t v = b == 0 ? v0 : v1;
       float r[V];
       PK::unpack(out[b], r);
 #pragma unroll
       for (int j = 0; j < V; ++j) sum_sq = add_square(sum_sq, r[j]);
       if (a.residual_out)
-        *reinterpret_cast<uint4*>(static_cast<T*>(a.residual_out) + m * H + v * V) = out[b];
+        *reinterpret_cast<uint4*>(elem_ptr<T>(a.residual_out, m, H, v)) = out[b];
       *reinterpret_cast<uint4*>(row + v * V) = out[b];
     }
   }
@@ -239,17 +239,17 @@ __device__ __forceinline__ double stage_row(const FusedArgs& a, int64_t m, T* ro
 // RMSNorm and quantization of the staged row m (every thread passes its
 // stage_row sum). Ends with a block barrier: `row` may be reused after it.
 template <typename T>
-__device__ void finish_row(const FusedArgs& a, int64_t m, T* row, double sum_sq, double* red_d,
+__device__ void finish_row(const FusedArgs& a, uint32_t m, T* row, double sum_sq, double* red_d,
                            float* red_f) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
   const OpConfig& c = a.cfg;
-  const int64_t H = a.H, HV = H / V;
+  const uint32_t H = uint32_t(a.H), HV = H / V;
   const float inv = rms_inv(block_sum(sum_sq, red_d), H, c.eps);  // barrier: row is staged
   const bool quant = c.has(kOutQuant) && c.quant != QuantKind::kNone;
   const bool row_amax = quant && c.quant == QuantKind::kFp8PerToken;  // others scan blocks
   float amax = 0.0f;
-  for (int64_t v = threadIdx.x; v < HV; v += blockDim.x) {
+  for (uint32_t v = threadIdx.x; v < HV; v += blockDim.x) {
     float r[V], g[V];
     load_gamma<T>(a, v, g);
     PK::unpack(*reinterpret_cast<const uint4*>(row + v * V), r);
@@ -260,7 +260,7 @@ __device__ void finish_row(const FusedArgs& a, int64_t m, T* row, double sum_sq,
     }
     const uint4 packed = PK::pack(r);  // exact: the values are already T
     if (a.norm_out)
-      *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + m * H + v * V) = packed;
+      *reinterpret_cast<uint4*>(elem_ptr<T>(a.norm_out, m, H, v)) = packed;
     *reinterpret_cast<uint4*>(row + v * V) = packed;
   }
   if (quant) {

@@ -123,7 +123,7 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       me.view.counters = me.counters;
       me.view.error = dev_error;
       me.view.timeout_ns = uint64_t(timeout_s * 1e9);
-      me.view.group_sms = sms;  // lowered to the group's minimum below
+      me.view.group_sms = std::min(sms, kMaxGrid);  // lowered to the group's minimum below
     }
     // Peer access within the group, both directions.
     for (int a : devs) {
