@@ -67,6 +67,22 @@ def test_agreement_quant(request, mesh_case, quant, M):
     check_against_oracle(per_rank[0], case)
 
 
+@pytest.mark.parametrize("mesh_case", [N1, N2], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("gs", [8, 48, 256, 512])
+def test_per_group_sizes(request, mesh_case, dtype, gs):
+    """Scale groups that fall on 1 to 32 lanes of a warp are quantized inside the norm
+    loop; the others (48, and 512 or 256 with float32) from the staged row. Both agree
+    with the oracle."""
+    rng = _rng(request)
+    case = gen_case(rng, mesh_case, dtype=dtype, M=37, H=1536, K=8, scales="f32", shared=True,
+                    quant=Q.fp8_per_group(gs, ue8m0=gs == 48),
+                    outputs=("residual", "norm", "quant"))
+    per_rank = run_case(case, mesh_case, platform="gpu", algorithm=ALGO, per_rank=True)[0]
+    assert_ranks_identical(per_rank)
+    check_against_oracle(per_rank[0], case)
+
+
 @pytest.mark.parametrize("quant", [None, Q.fp8_per_token(), Q.nvfp4()],
                          ids=lambda q: "none" if q is None else q.id)
 def test_default_outputs_and_traced_scale(request, quant):
