@@ -267,6 +267,22 @@ def test_cuda_lowering_auto_picks_by_static_shape():
     assert algo(N1, M=8192, H=7168) == one
 
 
+def test_operands_of_2_31_elements_are_not_served(monkeypatch):
+    """The kernels index with 32-bit math: a call with an operand of 2^31 elements or
+    more gets the plain-JAX path, with the reason (checked where the GPU plan is made)."""
+    from jax_moe_ar import workspace
+
+    class Dev:
+        process_index = 0
+        compute_capability = "9.0"
+
+    monkeypatch.setattr(workspace._native, "with_cuda", True, raising=False)
+    groups = [[Dev(), Dev()]]
+    assert workspace._unservable_reason(groups, 7168, 2, (1 << 31) - 1) is None
+    reason = workspace._unservable_reason(groups, 7168, 2, 1 << 31)
+    assert reason is not None and "2147483648 elements" in reason
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(dense=True, quant=Q.nvfp4(600.0))],
                          ids=["moe", "dense"])
 def test_xla_algorithm_lowers_to_all_reduce(kw):
