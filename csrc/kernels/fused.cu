@@ -1,12 +1,12 @@
 // The fused kernels: finalize + all-reduce + residual + RMSNorm + quant in one
 // launch per GPU, one-shot or two-shot (see Algorithm in fused.h).
 //
-// Grid: at most one block per SM of the group's smallest GPU, so every block of
-// every rank is resident and the cross-rank waits cannot deadlock on
-// scheduling. Every phase that waits depends only on phases that do not wait
-// (pushes), so all waits end.
+// Grid: one block per SM of the group's smallest GPU, for every call (see
+// geometry_of), so every block of every rank is resident and the cross-rank
+// waits cannot deadlock on scheduling. Every phase that waits depends only on
+// phases that do not wait (pushes), so all waits end.
 // Push (push_rows): the grid walks this rank's M x H/V 16-byte wire vectors,
-//       two per thread at a time (their expert-row loads overlap), and stores
+//       one or two per thread at a time (their expert-row loads overlap), and stores
 //       each into slot `rank` of the current exchange buffer of every rank
 //       (one-shot) or of the row's owner (two-shot). Which block pushes what
 //       never matters to the protocol: the data are their own flags (Lamport).
