@@ -8,7 +8,6 @@ bit for bit. Same signatures and outputs as the public functions.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -23,7 +23,7 @@ import jax_moe_ar as mar
 from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, make_mesh, sharded
 
 from cases import (ALL_QUANTS, BF16, DTYPES, F32, Q, assert_ranks_identical, build,
-                   check_against_oracle, dtype_id, gen_case, oracle_outputs, run_case, seed_for)
+                   check_against_oracle, dtype_id, gen_case, run_case, seed_for)
 
 pytestmark = pytest.mark.gpu
 
