@@ -250,21 +250,6 @@ __host__ __device__ inline Packet packet_of(const FusedArgs& a, int elem_bytes) 
   return p;
 }
 
-// Element index, in the scale output, of row m's j-th scale.
-__device__ __forceinline__ int64_t scale_index(const FusedArgs& a, int64_t m, int64_t j) {
-  const OpConfig& c = a.cfg;
-  switch (c.quant) {
-    case QuantKind::kFp8PerToken: return m;
-    case QuantKind::kFp8PerGroup: {
-      const int64_t G = a.H / c.group_size;
-      return c.has(kScaleCol) ? j * a.M + m : m * G + j;
-    }
-    case QuantKind::kNvFp4:
-      return c.has(kFp4Swizzled) ? swizzled_128x4_offset(m, j, a.H) : m * (a.H / kFp4Block) + j;
-    default: return 0;
-  }
-}
-
 __device__ __forceinline__ char* packet_at(const ExchangeView& x, int rank, const Packet& pk,
                                            int64_t m) {
   return x.gathers[rank] + pk.flags_bytes + uint64_t(m) * pk.bytes;
@@ -307,7 +292,7 @@ __device__ void send_codes(const FusedArgs& a, const ExchangeView& x, const Pack
     char* dst = packet_at(x, p, pk, m);
     copy8(dst, reinterpret_cast<const char*>(a.quant_out) + m * pk.code_bytes, pk.code_bytes);
     for (int64_t j = threadIdx.x; j < pk.n_scales; j += blockDim.x) {
-      const int64_t i = scale_index(a, m, j);
+      const uint32_t i = scale_index(a, uint32_t(m), uint32_t(j));
       if (pk.scale_bytes == 4)
         reinterpret_cast<float*>(dst + pk.scales)[j] = static_cast<const float*>(a.scale_out)[i];
       else
@@ -331,7 +316,7 @@ __device__ void receive_codes(const FusedArgs& a, const ExchangeView& x, const P
       *reinterpret_cast<uint2*>(dst + i) = make_uint2(~0u, ~0u);
   }
   for (int64_t j = threadIdx.x; j < pk.n_scales; j += blockDim.x) {
-    const int64_t i = scale_index(a, m, j);
+    const uint32_t i = scale_index(a, uint32_t(m), uint32_t(j));
     if (pk.scale_bytes == 4) {
       static_cast<uint32_t*>(a.scale_out)[i] =
           ok ? ld_volatile_u32(reinterpret_cast<const uint32_t*>(src + pk.scales) + j) : ~0u;

@@ -36,6 +36,21 @@ __device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, uint32_t H) {
     prefetch_l1(static_cast<const char*>(a.gamma) + b);
 }
 
+// Element index, in the scale output, of row m's j-th scale (one place for the
+// scale layouts of SPEC §3: per token, per group row/col, NVFP4 linear/swizzled).
+__device__ __forceinline__ uint32_t scale_index(const FusedArgs& a, uint32_t m, uint32_t j) {
+  const OpConfig& c = a.cfg;
+  const uint32_t H = uint32_t(a.H);
+  switch (c.quant) {
+    case QuantKind::kFp8PerToken: return m;
+    case QuantKind::kFp8PerGroup:
+      return c.has(kScaleCol) ? j * uint32_t(a.M) + m : m * (H / uint32_t(c.group_size)) + j;
+    case QuantKind::kNvFp4:
+      return c.has(kFp4Swizzled) ? uint32_t(swizzled_128x4_offset(m, j, H)) : m * (H / kFp4Block) + j;
+    default: return 0;
+  }
+}
+
 // ---- quantizers over the staged row ------------------------------------------
 // n float32 values of the staged row from p (16-byte aligned), 16 bytes per
 // shared-memory read rather than one element (no bank conflicts between
@@ -130,7 +145,7 @@ __device__ void quantize_row(const FusedArgs& a, uint32_t m, const T* row, float
         if (c.has(kUe8m0)) s = ue8m0_round(s);
         const float inv = div_rn(1.0f, s);
         if (lane == 0)
-          static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * uint32_t(a.M) + m : m * G + g] = s;
+          static_cast<float*>(a.scale_out)[scale_index(a, m, g)] = s;
         uint8_t* out = a.quant_out + m * H + g * gs;
         if (by4) {
           for (uint32_t e = 4 * lane; e < gs; e += 128) {
@@ -167,7 +182,7 @@ __device__ void quantize_row(const FusedArgs& a, uint32_t m, const T* row, float
           w[j / 8] |= byte << (8 * ((j / 2) % 4));
         }
         *reinterpret_cast<uint2*>(a.quant_out + m * (H / 2) + b * 8) = make_uint2(w[0], w[1]);
-        sf_out[swz ? swizzled_128x4_offset(m, b, H) : m * nb + b] = sf;
+        sf_out[scale_index(a, m, b)] = sf;
       }
       if (swz) zero_swizzle_padding_columns(sf_out, m, H);
       break;
@@ -232,9 +247,9 @@ __device__ __forceinline__ float lanes_nan_max(float v, int n) {
 }
 
 // FP8 codes (and the per-group scale) of vector v of row m from q = f32(norm_out)
-// of its V values, with n lanes per scale group (inloop_lanes). Every lane of the warp calls it (the
-// shuffles need them all); lanes with !active (past the row's end, whole groups
-// of them) store nothing. static_inv: 1/s of FP8 static.
+// of its V values, with n lanes per scale group (inloop_lanes). Every lane of
+// the warp calls it (the shuffles need them all); lanes with !active (past the
+// row's end, whole groups of them) store nothing. static_inv: 1/s of FP8 static.
 template <typename T>
 __device__ __forceinline__ void quantize_vector(const FusedArgs& a, uint32_t m, uint32_t v,
                                                 bool active, const float (&q)[Pack<T>::V], int n,
@@ -252,8 +267,7 @@ __device__ __forceinline__ void quantize_vector(const FusedArgs& a, uint32_t m, 
     if (c.has(kUe8m0)) s = ue8m0_round(s);
     inv = div_rn(1.0f, s);
     if (leader) {
-      const uint32_t g = v / uint32_t(n), G = H / uint32_t(c.group_size);
-      static_cast<float*>(a.scale_out)[c.has(kScaleCol) ? g * uint32_t(a.M) + m : m * G + g] = s;
+      static_cast<float*>(a.scale_out)[scale_index(a, m, v / uint32_t(n))] = s;
     }
   }
   uint32_t w[V / 4] = {};
