@@ -59,6 +59,7 @@ class Workspace {
       if (r.device == ordinal) return &r;
     return nullptr;
   }
+  const Rank* rank_at(size_t index) const { return index < ranks_.size() ? &ranks_[index] : nullptr; }
   std::string failure_of_group(int group) const;
   void collect_errors(std::vector<std::string>* out);
   void collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>>* out) const;
@@ -123,7 +124,10 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
       me.view.counters = me.counters;
       me.view.error = dev_error;
       me.view.timeout_ns = uint64_t(timeout_s * 1e9);
-      me.view.group_sms = std::min(sms, kMaxGrid);  // lowered to the group's minimum below
+      // A group may name one device several times (the harness's virtual ranks):
+      // those ranks' grids then share its SMs, so that every block stays resident.
+      const int sharing = int(std::count(devs.begin(), devs.end(), d));
+      me.view.group_sms = std::min(std::max(1, sms / sharing), kMaxGrid);  // then the group's minimum
     }
     // Peer access within the group, both directions.
     for (int a : devs) {
@@ -152,7 +156,7 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
     int32_t sms = me.view.group_sms;
     for (const Rank& peer : ranks_) {
       if (peer.group != me.group) continue;
-      if (peer.device == me.device) me.view.rank = rank;
+      if (&peer == &me) me.view.rank = rank;
       me.view.gathers[rank] = peer.gather;
       me.view.areas[rank++] = peer.area;
       sms = std::min(sms, peer.view.group_sms);
@@ -268,6 +272,14 @@ const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure) {
   if (r == nullptr) return nullptr;
   *failure = it->second->failure_of_group(r->group);
   return &r->view;
+}
+
+const ExchangeView* find_view_at(int64_t id, size_t index) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_workspaces.find(id);
+  if (it == g_workspaces.end()) return nullptr;
+  const Rank* r = it->second->rank_at(index);
+  return r == nullptr ? nullptr : &r->view;
 }
 
 std::vector<std::pair<int, std::vector<uint64_t>>> read_traces() {

@@ -23,6 +23,11 @@ int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t s
 // failure (the workspace is then poisoned).
 const ExchangeView* find_view(int64_t id, int ordinal, std::string* failure);
 
+// The view of the index-th rank of workspace `id` (ranks of all groups in
+// order); nullptr when out of range. For groups that name one device several
+// times (virtual ranks, scripts/harness), where find_view is ambiguous.
+const ExchangeView* find_view_at(int64_t id, size_t index);
+
 // (device ordinal, kTraceWords phase times of block 0's last call) of every
 // rank of every workspace created with $JAX_MOE_AR_TRACE set.
 std::vector<std::pair<int, std::vector<uint64_t>>> read_traces();
