@@ -42,7 +42,7 @@ def _hlo_targets(case, mesh_case):
 
 @pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("M", [1, 7, 128, 300])
+@pytest.mark.parametrize("M", [1, 7, 128, 300, 1501])
 def test_agreement_no_quant(request, mesh_case, dtype, M):
     rng = _rng(request)
     case = gen_case(rng, mesh_case, dtype=dtype, M=M, H=H_REAL if M <= 128 else 1024, K=8,
@@ -56,7 +56,7 @@ def test_agreement_no_quant(request, mesh_case, dtype, M):
 
 @pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
 @pytest.mark.parametrize("quant", ALL_QUANTS, ids=lambda q: q.id)
-@pytest.mark.parametrize("M", [1, 7, 128, 300])
+@pytest.mark.parametrize("M", [1, 7, 128, 300, 1501])
 def test_agreement_quant(request, mesh_case, quant, M):
     rng = _rng(request)
     dtype = (BF16, F32)[M % 2]

@@ -5,7 +5,8 @@
 // geometry_of), so every block of every rank is resident and the cross-rank
 // waits cannot deadlock on scheduling. Every phase that waits depends only on
 // phases that do not wait (pushes), so all waits end.
-// Push (push_rows): the grid walks this rank's M x H/V 16-byte wire vectors,
+// Push (push_rows): the grid (with many rows, one-shot: a third of it, see
+//       pusher_blocks) walks this rank's M x H/V 16-byte wire vectors,
 //       one or two per thread at a time (their expert-row loads overlap), and stores
 //       each into slot `rank` of the current exchange buffer of every rank
 //       (one-shot) or of the row's owner (two-shot). Which block pushes what
@@ -90,19 +91,21 @@ __device__ __forceinline__ void wire_vectors(const FusedArgs& a, uint32_t m, con
   }
 }
 
-// Pushes this rank's wire vectors of every row, spread over the whole grid:
-// item i is NV vectors of row m = i / (HV/NV), the j-th (j = i % (HV/NV)) of
-// each of the row's NV equal parts. dest(m) is the first destination rank of
-// row m; n_dst ranks from there get it. The wire values are computed before
-// `poisoned` is looked at, so the counters' load is not on the inputs' path.
+// Pushes this rank's wire vectors of every row, spread over `blocks` blocks
+// (this one is number `block` of them), in row order: item i is NV vectors of
+// row m = i / (HV/NV), the j-th (j = i % (HV/NV)) of each of the row's NV equal
+// parts. dest(m) is the first destination rank of row m; n_dst ranks from there
+// get it. The wire values are computed before `poisoned` is looked at, so the
+// counters' load is not on the inputs' path.
 template <typename T, int NV, typename Dest>
 __device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeView& x,
-                                           const CallState& st, int n_dst, Dest dest) {
+                                           const CallState& st, int n_dst, Dest dest,
+                                           uint32_t block, uint32_t blocks) {
   constexpr int V = Pack<T>::V;
   const uint32_t HV = uint32_t(a.H) / V, part = HV / NV;  // HV is even: H is a multiple of 16
-  const uint32_t total = uint32_t(a.M) * part, stride = gridDim.x * blockDim.x;
+  const uint32_t total = uint32_t(a.M) * part, stride = blocks * blockDim.x;
   const uint64_t my_slot = (st.slot0 + uint64_t(x.rank)) * x.slot_bytes;
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+  for (uint32_t i = block * blockDim.x + threadIdx.x; i < total; i += stride) {
     const uint32_t m = i / part, j = i - m * part;
     uint32_t v[NV];
 #pragma unroll
@@ -124,12 +127,28 @@ __device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeVie
 // item (large M: half the index and weight loads per vector).
 template <typename T, typename Dest>
 __device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView& x,
-                                          const CallState& st, int n_dst, Dest dest) {
+                                          const CallState& st, int n_dst, Dest dest,
+                                          uint32_t block, uint32_t blocks) {
   const uint32_t vectors = uint32_t(a.M) * uint32_t(a.H / Pack<T>::V);
-  if (vectors <= gridDim.x * blockDim.x)
-    push_items<T, 1>(a, x, st, n_dst, dest);
+  if (vectors <= blocks * blockDim.x)
+    push_items<T, 1>(a, x, st, n_dst, dest, block, blocks);
   else
-    push_items<T, 2>(a, x, st, n_dst, dest);
+    push_items<T, 2>(a, x, st, n_dst, dest, block, blocks);
+}
+
+// One-shot with many rows per block: the first pusher_blocks() blocks push
+// every row and the others run the row tails as the rows land, so the pushes
+// of later rows (at the NVLink's rate) overlap the tails of earlier ones (at
+// HBM's). 0: every block pushes its share, then runs its rows' tails (small M,
+// where the latency of one pass matters more than overlap). Pushers never
+// wait, so the reducers' waits end; which block pushes what never matters to
+// the protocol. The same M on every rank gives the same split.
+#ifndef MAR_PUSH_DIV
+#define MAR_PUSH_DIV 3
+#endif
+constexpr uint32_t kSplitMinRowsPerBlock = 4;
+__device__ __forceinline__ uint32_t pusher_blocks(uint32_t M, uint32_t grid) {
+  return M >= kSplitMinRowsPerBlock * grid && grid >= 2 * MAR_PUSH_DIV ? grid / MAR_PUSH_DIV : 0;
 }
 
 // residual_out vectors v0 and (if has1) v1 of row m, packed: reads the N slots
@@ -199,11 +218,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   T* row = reinterpret_cast<T*>(smem);
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  push_rows<T>(a, x, st, x.nranks, [](uint32_t) { return 0; });
+  const uint32_t G = gridDim.x, pushers = pusher_blocks(uint32_t(a.M), G);
+  const bool pusher = blockIdx.x < pushers;
+  if (pushers == 0 || pusher)
+    push_rows<T>(a, x, st, x.nranks, [](uint32_t) { return 0; }, blockIdx.x, pushers ? pushers : G);
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   tr.lap(kTraceOther);
-  for (uint32_t m = blockIdx.x; m < uint32_t(a.M); m += gridDim.x) {
+  const uint32_t first = pusher ? uint32_t(a.M) : blockIdx.x - pushers;
+  for (uint32_t m = first; m < uint32_t(a.M); m += G - pushers) {
     const double sq = stage_row<T>(a, m, row, [&](uint32_t v0, uint32_t v1, bool has1, uint4(&out)[2]) {
       reduce_vectors<T>(a, x, st, m, v0, v1, has1, out);
     });
@@ -346,7 +369,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const uint32_t lo = min(uint32_t(x.rank) * chunk, M), hi = min(lo + chunk, M);
   auto owner = [chunk](uint32_t m) { return int(m / chunk); };
   Tracer tr(x, trace_words);
-  push_rows<T>(a, x, st, 1, owner);
+  push_rows<T>(a, x, st, 1, owner, blockIdx.x, gridDim.x);
   tr.lap(kTracePush);
   zero_swizzle_padding_rows(a);
   const Packet pk = packet_of(a, int(sizeof(T)));
