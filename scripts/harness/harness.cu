@@ -100,10 +100,28 @@ void* zeros(size_t bytes) {
   return d;
 }
 
-// One rank's operands and results, like the Python package passes them. The
-// expert rows and routing come from `rng` (they differ by rank); the residual
-// and gamma from `shared_seed`, alike for every rank (SPEC: the residual
-// is the same on every rank of a group).
+// Bytes of each output buffer of a call (0: not asked): no quant asks for
+// residual and norm, a quant format for residual, codes and scales.
+struct OutputBytes {
+  size_t residual, norm, quant, scale;
+};
+
+OutputBytes output_bytes(const Options& o) {
+  const size_t M = size_t(o.M), H = size_t(o.H);
+  if (o.quant == "fp8_per_group") return {M * H * 2, 0, M * H, M * (H / 128) * 4};
+  if (o.quant == "nvfp4") return {M * H * 2, 0, M * H / 2, (M + 127) / 128 * 128 * ((H / 16 + 3) / 4 * 4)};
+  return {M * H * 2, M * H * 2, 0, 0};
+}
+
+// Fresh zeroed output buffers for a (the sizes of output_bytes).
+void allocate_outputs(mar::FusedArgs& a, const Options& o) {
+  const OutputBytes b = output_bytes(o);
+  a.residual_out = zeros(b.residual);
+  a.norm_out = b.norm ? zeros(b.norm) : nullptr;
+  a.quant_out = b.quant ? static_cast<uint8_t*>(zeros(b.quant)) : nullptr;
+  a.scale_out = b.scale ? zeros(b.scale) : nullptr;
+}
+
 // A fast uniform value in [-2, 2) (the inputs run to hundreds of millions of
 // values; their distribution does not matter here).
 float fast_value(uint64_t& state) {
@@ -111,6 +129,10 @@ float fast_value(uint64_t& state) {
   return float(uint32_t(state >> 40)) * (4.0f / 16777216.0f) - 2.0f;
 }
 
+// One rank's operands and results, like the Python package passes them. The
+// expert rows and routing come from `rng` (they differ by rank); the residual
+// and gamma from `shared_seed`, alike for every rank (SPEC: the residual
+// is the same on every rank of a group).
 mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_seed) {
   uint64_t state = rng(), shared = shared_seed;
   const int64_t M = o.M, H = o.H, K = o.K;
@@ -141,22 +163,17 @@ mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_se
   a.M = M;
   a.H = H;
   a.K = K;
-  a.residual_out = zeros(size_t(M * H * 2));
+  allocate_outputs(a, o);
   a.cfg.routed_scaling_factor = 2.5f;
   a.cfg.flags = mar::kHasScales | mar::kOutResidual;
   if (o.quant == "none") {
-    a.norm_out = zeros(size_t(M * H * 2));
     a.cfg.flags |= mar::kOutNorm;
   } else if (o.quant == "fp8_per_group") {
     a.cfg.quant = mar::QuantKind::kFp8PerGroup;
     a.cfg.flags |= mar::kOutQuant;
-    a.quant_out = static_cast<uint8_t*>(zeros(size_t(M * H)));
-    a.scale_out = zeros(size_t(M * (H / 128) * 4));
   } else if (o.quant == "nvfp4") {
     a.cfg.quant = mar::QuantKind::kNvFp4;
     a.cfg.flags |= mar::kOutQuant | mar::kFp4Swizzled;
-    a.quant_out = static_cast<uint8_t*>(zeros(size_t(M * H / 2)));
-    a.scale_out = zeros(size_t((M + 127) / 128 * 128 * ((H / 16 + 3) / 4 * 4)));
     a.quant_scale = upload(std::vector<float>{448.0f * 6.0f / 8.0f});
   } else {
     usage();
@@ -164,35 +181,20 @@ mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_se
   return a;
 }
 
-// The outputs of a: fresh zeroed buffers of the same sizes.
+// a with the same inputs and fresh zeroed outputs.
 mar::FusedArgs with_fresh_outputs(mar::FusedArgs a, const Options& o) {
-  const size_t M = size_t(o.M), H = size_t(o.H);
-  a.residual_out = zeros(M * H * 2);
-  if (a.norm_out) a.norm_out = zeros(M * H * 2);
-  if (o.quant == "fp8_per_group") {
-    a.quant_out = static_cast<uint8_t*>(zeros(M * H));
-    a.scale_out = zeros(M * (H / 128) * 4);
-  } else if (o.quant == "nvfp4") {
-    a.quant_out = static_cast<uint8_t*>(zeros(M * H / 2));
-    a.scale_out = zeros((M + 127) / 128 * 128 * ((H / 16 + 3) / 4 * 4));
-  }
+  allocate_outputs(a, o);
   return a;
 }
 
 // Every output byte of a, in a fixed order.
 std::vector<uint8_t> outputs_of(const mar::FusedArgs& a, const Options& o) {
-  const size_t M = size_t(o.M), H = size_t(o.H);
-  std::vector<std::pair<const void*, size_t>> parts = {{a.residual_out, M * H * 2}};
-  if (a.norm_out) parts.push_back({a.norm_out, M * H * 2});
-  if (o.quant == "fp8_per_group") {
-    parts.push_back({a.quant_out, M * H});
-    parts.push_back({a.scale_out, M * (H / 128) * 4});
-  } else if (o.quant == "nvfp4") {
-    parts.push_back({a.quant_out, M * H / 2});
-    parts.push_back({a.scale_out, (M + 127) / 128 * 128 * ((H / 16 + 3) / 4 * 4)});
-  }
+  const OutputBytes b = output_bytes(o);
+  const std::pair<const void*, size_t> parts[] = {
+      {a.residual_out, b.residual}, {a.norm_out, b.norm}, {a.quant_out, b.quant}, {a.scale_out, b.scale}};
   std::vector<uint8_t> out;
   for (const auto& p : parts) {
+    if (p.second == 0) continue;
     const size_t at = out.size();
     out.resize(at + p.second);
     check(cudaMemcpy(out.data() + at, p.first, p.second, cudaMemcpyDeviceToHost), "download");
