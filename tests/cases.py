@@ -35,6 +35,16 @@ INT32_MAX = 2 ** 31 - 1
 HUGE_INDICES = (2 ** 30, INT32_MIN, INT32_MAX, INT32_MIN + 1, -2, -7)
 
 
+def require_gpus(n: int) -> None:
+    """Skips the calling test on machines with fewer than n CUDA GPUs (for tests that build
+    their meshes in a child process, where make_mesh cannot skip them)."""
+    import jax
+    import pytest
+    have = len([d for d in jax.devices() if d.platform == "gpu"])
+    if have < n:
+        pytest.skip(f"needs {n} GPUs, have {have}")
+
+
 def dtype_id(dt) -> str:
     return {BF16: "bf16", F16: "f16", F32: "f32"}[np.dtype(dt)]
 

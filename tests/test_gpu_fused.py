@@ -23,7 +23,8 @@ import jax_moe_ar as mar
 from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, make_mesh, sharded
 
 from cases import (ALL_QUANTS, BF16, DTYPES, F32, Q, assert_ranks_identical, build,
-                   check_against_oracle, dtype_id, gen_case, run_case, seed_for)
+                   check_against_oracle, dtype_id, gen_case, require_gpus, run_case,
+                   seed_for)
 
 pytestmark = pytest.mark.gpu
 
@@ -249,6 +250,7 @@ def _run_script(body: str, env_extra: dict, timeout=300):
 ], ids=["cmdbuf_on", "cmdbuf_off"])
 def test_command_buffers(flags):
     """Correct, repeatedly, whether or not XLA captures the custom call in CUDA graphs."""
+    require_gpus(2)
     proc = _run_script("""
         rng = np.random.default_rng(5)
         for it in range(3):
@@ -267,6 +269,7 @@ def test_missing_peer_times_out_with_clear_error():
     """Rank 0 skips the call through a rank-dependent branch: the other ranks' waits end
     within the bound, the outputs are NaN (never silently wrong), and the failure surfaces
     as a Python error naming the op — the process does not freeze."""
+    require_gpus(2)
     proc = _run_script("""
         import time
         mesh = make_mesh("gpu", MC)

@@ -21,7 +21,8 @@ from jax_moe_ar import workspace
 from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, make_mesh, sharded
 
 from cases import (ALL_QUANTS, BF16, DTYPES, F16, F32, Q, assert_ranks_identical, build,
-                   check_against_oracle, dtype_id, gen_case, run_case, seed_for)
+                   check_against_oracle, dtype_id, gen_case, require_gpus, run_case,
+                   seed_for)
 
 pytestmark = pytest.mark.gpu
 ALGO = "twoshot"
@@ -161,6 +162,7 @@ def test_missing_peer_twoshot_times_out():
     """The last rank skips a two-shot call: the others' waits (for its reduce-scatter pushes
     and for its rows' packets) end within the bound, their outputs are NaN, the error names
     the op; after mar.reset_workspaces() the same program shapes run exactly again."""
+    require_gpus(2)
     n = 4 if len(jax.devices("gpu")) >= 4 else 2
     code = f"""
 import sys, numpy as np, jax, jax.numpy as jnp
