@@ -1,4 +1,4 @@
-# Decides MAR_WITH_CUDA from JAX_MOE_AR_CUDA and sets up sm_90a code generation.
+# Decides MAR_WITH_CUDA from JAX_MOE_AR_CUDA and holds the one set of nvcc flags.
 set(MAR_WITH_CUDA OFF)
 if(NOT JAX_MOE_AR_CUDA STREQUAL "OFF")
   include(CheckLanguage)
@@ -20,11 +20,13 @@ else()
   message(STATUS "jax_moe_ar: CPU-only build")
 endif()
 
+# Every target with CUDA code: sm_90a, IEEE arithmetic, line info for profilers.
 function(mar_cuda_flags target)
   target_compile_definitions(${target} PRIVATE JAX_MOE_AR_WITH_CUDA=1)
-  # No fast-math: SPEC §3 needs IEEE division, sqrt and denormals.
+  # No fast-math and no FMA contraction: SPEC §3 needs IEEE division, sqrt and denormals,
+  # and every product and sum rounded separately.
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:-gencode=arch=compute_90a,code=sm_90a -fmad=false -Xptxas=-v>)
+    $<$<COMPILE_LANGUAGE:CUDA>:-gencode=arch=compute_90a,code=sm_90a -fmad=false -lineinfo -Xptxas=-v>)
   set_target_properties(${target} PROPERTIES CUDA_STANDARD 17)
   target_include_directories(${target} PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
   target_link_libraries(${target} PRIVATE CUDA::cudart_static)

@@ -24,15 +24,12 @@ from jax.interpreters import mlir
 
 from . import _native, reference, workspace
 from . import quant as qm
+from ._contract import OP_FLAGS, TARGETS
 from .quant import KIND_NONE, FusedOutputs, QuantStatic
 
-# Bits of csrc/common/config.h OpFlag.
-HAS_SCALES, HAS_SHARED, OUT_RESIDUAL, OUT_NORM, OUT_QUANT = 1, 2, 4, 8, 16
-UE8M0, SCALE_COL, FP4_SWIZZLED, DENSE = 32, 64, 128, 256
-
-TARGET_FUSED = "jax_moe_ar_fused_v1"
-TARGET_CPU_FINALIZE = "jax_moe_ar_cpu_finalize_v1"
-TARGET_CPU_TAIL = "jax_moe_ar_cpu_tail_v1"
+TARGET_FUSED = TARGETS["fused"]
+TARGET_CPU_FINALIZE = TARGETS["cpu_finalize"]
+TARGET_CPU_TAIL = TARGETS["cpu_tail"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +49,14 @@ class OpConfig:
 
     @property
     def flags(self) -> int:
+        """The bits of csrc/common/config.h OpFlag that this configuration sets."""
         q = self.quant
-        f = (HAS_SCALES * self.has_scales | HAS_SHARED * self.has_shared
-             | OUT_RESIDUAL * ("residual" in self.outputs) | OUT_NORM * ("norm" in self.outputs)
-             | DENSE * self.dense)
-        if q is not None:
-            f |= OUT_QUANT | UE8M0 * q.ue8m0 | SCALE_COL * q.scale_col
-            f |= FP4_SWIZZLED * q.fp4_swizzled
-        return f
+        on = dict(has_scales=self.has_scales, has_shared=self.has_shared,
+                  out_residual="residual" in self.outputs, out_norm="norm" in self.outputs,
+                  dense=self.dense, out_quant=q is not None,
+                  ue8m0=q is not None and q.ue8m0, scale_col=q is not None and q.scale_col,
+                  fp4_swizzled=q is not None and q.fp4_swizzled)
+        return sum(OP_FLAGS[name] for name, bit in on.items() if bit)
 
     def attributes(self, workspace_id: int = 0, algorithm_code: int = 0) -> dict:
         """The custom call's attributes, decoded by csrc/ffi/attrs.h OpAttrs."""

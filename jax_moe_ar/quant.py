@@ -18,8 +18,14 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP4_BLOCK = 16
 
-# Numbering shared with csrc/common/config.h (QuantKind).
-KIND_NONE, KIND_FP8_STATIC, KIND_FP8_PER_TOKEN, KIND_FP8_PER_GROUP, KIND_NVFP4 = range(5)
+from ._contract import QUANT_KINDS
+
+# csrc/common/config.h QuantKind.
+KIND_NONE = QUANT_KINDS["none"]
+KIND_FP8_STATIC = QUANT_KINDS["fp8_static"]
+KIND_FP8_PER_TOKEN = QUANT_KINDS["fp8_per_token"]
+KIND_FP8_PER_GROUP = QUANT_KINDS["fp8_per_group"]
+KIND_NVFP4 = QUANT_KINDS["nvfp4"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,12 +18,13 @@ import threading
 import numpy as np
 
 from . import _native
+from ._contract import ALGORITHMS, LIMITS
 
-MAX_GROUP = 16           # ranks per group the kernel supports (kernels/fused.h kMaxRanks)
-MAX_ROW_BYTES = 96 * 1024  # one row of T is staged in shared memory
-MAX_ELEMENTS = 1 << 31     # per array of a call: the kernels index with 32-bit math
+MAX_GROUP = LIMITS["max_ranks"]          # ranks per group the kernel supports
+MAX_ROW_BYTES = LIMITS["max_row_bytes"]  # one row of T per block
+MAX_ELEMENTS = LIMITS["max_elements"]    # per array of a call: 32-bit index math
 MIN_SLOT_BYTES = 1 << 20
-ALGO_ONESHOT, ALGO_TWOSHOT = 0, 1  # kernels/fused.h Algorithm
+ALGO_ONESHOT, ALGO_TWOSHOT = ALGORITHMS["oneshot"], ALGORITHMS["twoshot"]
 
 # `auto` takes two-shot once a rank's partial is at least this many bytes, with three
 # or more ranks. With two ranks one-shot moves the same bytes (each rank sends its

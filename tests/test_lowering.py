@@ -31,6 +31,24 @@ HAS_SCALES, HAS_SHARED, OUT_RESIDUAL, OUT_NORM, OUT_QUANT = 1, 2, 4, 8, 16
 UE8M0, SCALE_COL, FP4_SWIZZLED, DENSE = 32, 64, 128, 256
 ATTRS = ("quant", "flags", "routed_scaling_factor", "eps", "norm_weight_offset", "group_size",
          "workspace", "algorithm")
+ALGORITHM_CODES = {"oneshot": 0, "twoshot": 1}
+LIMITS = {"max_ranks": 16, "max_row_bytes": 96 * 1024, "max_elements": 2 ** 31, "num_buffers": 3}
+
+
+def test_native_constants_match_this_independent_copy():
+    """The package reads every shared number and name from the compiled module
+    (csrc/common/config.h); this file's copy is written independently, on purpose, so a
+    change on either side shows up here."""
+    from jax_moe_ar import _native
+    c = _native.constants()
+    assert dict(c["quant_kinds"]) == {("none" if k is None else k): v for k, v in KIND.items()}
+    assert dict(c["op_flags"]) == dict(
+        has_scales=HAS_SCALES, has_shared=HAS_SHARED, out_residual=OUT_RESIDUAL,
+        out_norm=OUT_NORM, out_quant=OUT_QUANT, ue8m0=UE8M0, scale_col=SCALE_COL,
+        fp4_swizzled=FP4_SWIZZLED, dense=DENSE)
+    assert dict(c["algorithms"]) == ALGORITHM_CODES
+    assert dict(c["limits"]) == LIMITS
+    assert dict(c["targets"]) == dict(fused=FUSED, cpu_finalize=CPU_FINALIZE, cpu_tail=CPU_TAIL)
 
 
 def expected_flags(*, dense, scales, shared, outputs, quant):

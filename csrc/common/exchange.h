@@ -1,4 +1,5 @@
-// The one-shot exchange protocol (device code only).
+// The exchange: its data layout (plain structs the runtime allocates and the
+// kernels read) and, for device code, the one-shot protocol.
 //
 // Every rank owns an exchange area in its own memory, split into kNumBuffers
 // rotating buffers of one slot per source rank. A call pushes its wire rows
@@ -15,6 +16,8 @@
 
 #include <cstdint>
 
+#include "config.h"
+
 namespace mar {
 
 constexpr int kNumBuffers = 3;
@@ -23,6 +26,62 @@ constexpr int kNumBuffers = 3;
 inline uint64_t exchange_area_bytes(uint64_t nranks, uint64_t slot_bytes) {
   return uint64_t(kNumBuffers) * nranks * slot_bytes;
 }
+
+// Bytes of a rank's two-shot gather area for slots of `slot_bytes`: row flags
+// plus packets of every output a row can carry (at most 3x the row's partial).
+inline uint64_t gather_area_bytes(uint64_t slot_bytes) {
+  return 3 * slot_bytes + slot_bytes / 8 + 4096;
+}
+
+// Blocks of one launch at most: each block keeps its own epoch.
+constexpr int kMaxGrid = 1024;
+
+// Per-rank counters in device memory.
+struct DeviceCounters {
+  uint32_t status;        // 0: healthy; 1: a wait timed out, the workspace is poisoned
+  uint32_t pad[31];       // status alone on its 128-byte line
+  // Calls block b of this rank has completed; selects the rotating buffer. Every
+  // launch has the same grid, so all blocks' counts agree at the start of a call,
+  // and each block advances its own at its end: no grid-wide atomic, no wait.
+  uint32_t epoch[kMaxGrid];
+};
+
+// Host-mapped record of the first failure a rank saw, for the host to report.
+struct ErrorRecord {
+  int32_t flag;  // set last, after the fields below
+  int32_t rank;
+  int32_t peer;
+  uint32_t epoch;
+  uint64_t waited_ns;
+};
+
+// What one rank's kernel needs of the workspace (runtime/ fills it).
+struct ExchangeView {
+  int32_t rank = 0;
+  int32_t nranks = 1;
+  char* areas[kMaxRanks] = {};   // every rank's exchange area, as seen from this device
+  uint64_t slot_bytes = 0;       // bytes of one (buffer, source rank) slot
+  char* gathers[kMaxRanks] = {}; // every rank's two-shot gather area (row flags, packets)
+  uint64_t gather_bytes = 0;
+  DeviceCounters* counters = nullptr;
+  ErrorRecord* error = nullptr;  // device alias of the host-mapped record
+  uint64_t timeout_ns = 0;
+  int32_t group_sms = 1;         // SMs of the group's smallest GPU (sets the grid)
+  uint64_t* trace = nullptr;     // host-mapped phase times of block 0, or nullptr (off)
+};
+
+// Words of the phase trace ($JAX_MOE_AR_TRACE): what block 0 of the last call did.
+enum TraceWord : int {
+  kTraceStart = 0,   // globaltimer ns at entry
+  kTraceEnd = 1,     // ... after the call's last barrier
+  kTracePush = 2,    // ns pushing rows (finalize + stores)
+  kTraceStage = 3,   // ns staging rows: waiting for slots or packets, reducing
+  kTraceFinish = 4,  // ns in the row tail (norm, quant)
+  kTraceOther = 5,   // ns elsewhere (padding, sending packets, ...)
+  kTraceRows = 6,    // rows block 0 handled
+  kTraceEpoch = 7,
+  kTraceWords = 8,
+};
 
 }  // namespace mar
 

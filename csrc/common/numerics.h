@@ -179,9 +179,20 @@ template <> MAR_HD f16_t from_f32<f16_t>(float f) { return f16_t{f32_to_f16_bits
 // rT then back: the value an unfused pipeline would hold after storing to T.
 template <typename T> MAR_HD float round_to(float f) { return to_f32(from_f32<T>(f)); }
 
-// Data types of auxiliary inputs whose dtype varies at run time (norm weight,
-// router scales); values match the FFI's numbering-independent enum below.
+// The floating dtypes an operand may have (activations T; norm weight and
+// router scales, which may also be float32 with T 16-bit).
 enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// The one dtype dispatch: calls f(T{}) with T the storage type of t (float,
+// bf16_t or f16_t) and returns what it returns.
+template <typename F>
+auto with_float_type(DType t, F&& f) {
+  switch (t) {
+    case DType::kBF16: return f(bf16_t{});
+    case DType::kF16: return f(f16_t{});
+    default: return f(float{});
+  }
+}
 
 MAR_HD float load_f32(const void* base, DType dt, int64_t i) {
   switch (dt) {

@@ -1,7 +1,6 @@
-// What every handler of the op decodes: one attribute struct, the dtype
-// mapping, and the operand/result lists of SPEC §2 in the order
-// jax_moe_ar/primitives.py emits them. XLA types stop here: kernels see raw
-// pointers only.
+// What every handler of the op decodes: one attribute struct and the
+// operand/result lists of SPEC §2, filled once into a LayerArgs. XLA types
+// stop here: kernels and CPU stages see raw pointers only.
 #pragma once
 
 #include <cstdint>
@@ -10,15 +9,14 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#include "../common/config.h"
-#include "../common/numerics.h"
+#include "../common/args.h"
 
 namespace mar::ffi_glue {
 
 namespace ffi = xla::ffi;
 
 // One attribute struct for every handler. Names are the attribute names the
-// lowering emits (see primitives.py `_attributes`).
+// lowering emits (jax_moe_ar/primitives.py, OpConfig.attributes).
 struct OpAttrs {
   int32_t quant;
   int32_t flags;
@@ -27,7 +25,7 @@ struct OpAttrs {
   float norm_weight_offset;
   int32_t group_size;
   int64_t workspace;  // 0 on CPU
-  int32_t algorithm;  // 0 on CPU; see kernels/fused.h
+  int32_t algorithm;  // 0 on CPU; common/config.h Algorithm
 };
 
 inline OpConfig to_config(const OpAttrs& a) {
@@ -41,7 +39,16 @@ inline OpConfig to_config(const OpAttrs& a) {
   return c;
 }
 
-// Activation dtype T -> our enum; nullopt for anything else.
+// Which handler decodes: its operand and result lists.
+//   kFused:       [partial, idx*, residual, gamma, scales*, shared*, quant_scale*]
+//                 -> [residual_out*, norm_out*, quant*, scale*]
+//   kCpuFinalize: [expert_out, idx, scales*, shared*] -> [wire]
+//   kCpuTail:     [wires [N, M, H], residual, gamma, quant_scale*] -> as kFused
+// (* only when the attributes say so; idx, scales and shared are MoE only.)
+enum class Stage { kFused, kCpuFinalize, kCpuTail };
+
+namespace detail {
+
 inline std::optional<DType> float_dtype(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::F32: return DType::kF32;
@@ -51,85 +58,117 @@ inline std::optional<DType> float_dtype(ffi::DataType t) {
   }
 }
 
-inline int64_t dim(const ffi::AnyBuffer& b, size_t i) { return b.dimensions()[i]; }
-
-// Operands of the op, decoded from the custom call's argument list.
-struct Operands {
-  // MoE: expert_out [P,H], idx [M,K]; dense: x [M,H] in `partial`.
-  std::optional<ffi::AnyBuffer> partial, idx, scales, shared;
-  std::optional<ffi::AnyBuffer> residual, gamma, quant_scale;
-};
-
-struct Results {
-  std::optional<ffi::Result<ffi::AnyBuffer>> residual_out, norm_out, quant_out, scale_out;
-};
-
-// Decodes `count` leading arguments in the order [partial, (idx), residual,
-// gamma, (scales), (shared), (quant_scale)] as the flags say. When
-// `with_tail` is false the layout is the CPU finalize stage's:
-// [expert_out, idx, (scales), (shared)].
-inline ffi::ErrorOr<Operands> decode_operands(const ffi::RemainingArgs& args, const OpConfig& c,
-                                              bool with_tail) {
-  Operands o;
-  size_t i = 0;
-  auto next = [&]() -> ffi::ErrorOr<ffi::AnyBuffer> { return args.get<ffi::AnyBuffer>(i++); };
-#define MAR_NEXT(field)                      \
-  do {                                       \
-    auto r = next();                         \
-    if (r.has_error()) return ffi::Unexpected(r.error()); \
-    o.field.emplace(*r);                     \
-  } while (0)
-  MAR_NEXT(partial);
-  if (!c.has(kDense)) MAR_NEXT(idx);
-  if (with_tail) {
-    MAR_NEXT(residual);
-    MAR_NEXT(gamma);
-  }
-  if (!c.has(kDense)) {
-    if (c.has(kHasScales)) MAR_NEXT(scales);
-    if (c.has(kHasShared)) MAR_NEXT(shared);
-  }
-  if (with_tail && quant_takes_scale_input(c.quant) && c.has(kOutQuant)) MAR_NEXT(quant_scale);
-#undef MAR_NEXT
-  if (i != args.size()) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "jax_moe_ar: got " + std::to_string(args.size()) + " operands, the attributes describe " +
-        std::to_string(i)));
-  }
-  return o;
+inline ffi::Error invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("jax_moe_ar: " + what);
 }
 
-inline ffi::ErrorOr<Results> decode_results(const ffi::RemainingRets& rets, const OpConfig& c) {
-  Results r;
+}  // namespace detail
+
+// Decodes args/rets into *a and returns the activation dtype T. Checks the
+// counts and the dtypes the kernels rely on; the shapes were checked when the
+// program was traced (jax_moe_ar/ops.py).
+inline ffi::ErrorOr<DType> decode_call(const ffi::RemainingArgs& args,
+                                       const ffi::RemainingRets& rets, const OpAttrs& attrs,
+                                       Stage stage, LayerArgs* a) {
+  using detail::float_dtype;
+  using detail::invalid;
+  a->cfg = to_config(attrs);
+  const OpConfig& c = a->cfg;
+  const bool moe = !c.has(kDense) && stage != Stage::kCpuTail;
   size_t i = 0;
-  auto take = [&](std::optional<ffi::Result<ffi::AnyBuffer>>& slot) -> std::optional<ffi::Error> {
-    auto x = rets.get<ffi::AnyBuffer>(i++);
-    if (x.has_error()) return x.error();
-    slot.emplace(*x);
-    return std::nullopt;
+  std::optional<ffi::Error> failed;
+  auto next = [&]() -> std::optional<ffi::AnyBuffer> {
+    auto b = args.get<ffi::AnyBuffer>(i++);
+    if (b.has_error()) {
+      if (!failed) failed = b.error();
+      return std::nullopt;
+    }
+    return *b;
   };
-  if (c.has(kOutResidual))
-    if (auto e = take(r.residual_out)) return ffi::Unexpected(*e);
-  if (c.has(kOutNorm))
-    if (auto e = take(r.norm_out)) return ffi::Unexpected(*e);
-  if (c.has(kOutQuant) && c.quant != QuantKind::kNone) {
-    if (auto e = take(r.quant_out)) return ffi::Unexpected(*e);
-    if (quant_has_scale_output(c.quant))
-      if (auto e = take(r.scale_out)) return ffi::Unexpected(*e);
-  }
-  if (i != rets.size()) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "jax_moe_ar: got " + std::to_string(rets.size()) + " results, the attributes describe " +
-        std::to_string(i)));
-  }
-  return r;
-}
+  auto dim = [](const ffi::AnyBuffer& b, size_t d) { return int64_t(b.dimensions()[d]); };
 
-inline const void* in_ptr(const std::optional<ffi::AnyBuffer>& b) {
-  return b ? b->untyped_data() : nullptr;
-}
-inline void* out_ptr(std::optional<ffi::Result<ffi::AnyBuffer>>& b) {
-  return b ? (*b)->untyped_data() : nullptr;
+  const auto partial = next();
+  if (failed) return ffi::Unexpected(*failed);
+  const auto t = float_dtype(partial->element_type());
+  if (!t) return ffi::Unexpected(invalid("the partial must be bf16, f16 or f32"));
+  a->partial = partial->untyped_data();
+  if (stage == Stage::kCpuTail) {
+    a->N = dim(*partial, 0);
+    a->M = dim(*partial, 1);
+    a->H = dim(*partial, 2);
+  } else {
+    a->H = dim(*partial, 1);
+    a->M = a->P = dim(*partial, 0);  // dense: P unused
+  }
+  if (moe) {
+    const auto idx = next();
+    if (failed) return ffi::Unexpected(*failed);
+    a->idx = static_cast<const int32_t*>(idx->untyped_data());
+    a->M = dim(*idx, 0);
+    a->K = dim(*idx, 1);
+  } else {
+    a->P = 0;
+  }
+  if (stage != Stage::kCpuFinalize) {
+    const auto residual = next(), gamma = next();
+    if (failed) return ffi::Unexpected(*failed);
+    const auto gt = float_dtype(gamma->element_type());
+    if (residual->element_type() != partial->element_type() || !gt)
+      return ffi::Unexpected(invalid("residual must have the partial's dtype, norm_weight a float dtype"));
+    a->residual = residual->untyped_data();
+    a->gamma = gamma->untyped_data();
+    a->gamma_dtype = *gt;
+  }
+  if (moe) {
+    if (c.has(kHasScales)) {
+      const auto scales = next();
+      if (failed) return ffi::Unexpected(*failed);
+      const auto st = float_dtype(scales->element_type());
+      if (!st) return ffi::Unexpected(invalid("expert_scales must be a float dtype"));
+      a->scales = scales->untyped_data();
+      a->scales_dtype = *st;
+    }
+    if (c.has(kHasShared)) {
+      const auto shared = next();
+      if (failed) return ffi::Unexpected(*failed);
+      a->shared = shared->untyped_data();
+    }
+  }
+  if (stage != Stage::kCpuFinalize && c.quantizes() && quant_takes_scale_input(c.quant)) {
+    const auto scale = next();
+    if (failed) return ffi::Unexpected(*failed);
+    a->quant_scale = static_cast<const float*>(scale->untyped_data());
+  }
+  if (i != args.size())
+    return ffi::Unexpected(invalid("got " + std::to_string(args.size()) +
+                                   " operands, the attributes describe " + std::to_string(i)));
+
+  size_t j = 0;
+  auto take = [&](void** out) {
+    auto r = rets.get<ffi::AnyBuffer>(j++);
+    if (r.has_error()) {
+      if (!failed) failed = r.error();
+      return;
+    }
+    *out = (*r)->untyped_data();
+  };
+  if (stage == Stage::kCpuFinalize) {
+    take(&a->wire);
+  } else {
+    if (c.has(kOutResidual)) take(&a->residual_out);
+    if (c.has(kOutNorm)) take(&a->norm_out);
+    if (c.quantizes()) {
+      void* codes = nullptr;
+      take(&codes);
+      a->quant_out = static_cast<uint8_t*>(codes);
+      if (quant_has_scale_output(c.quant)) take(&a->scale_out);
+    }
+  }
+  if (failed) return ffi::Unexpected(*failed);
+  if (j != rets.size())
+    return ffi::Unexpected(invalid("got " + std::to_string(rets.size()) +
+                                   " results, the attributes describe " + std::to_string(j)));
+  return *t;
 }
 
 }  // namespace mar::ffi_glue

@@ -41,9 +41,9 @@ class IeeeDenormals {
 }  // namespace
 
 template <typename T>
-void cpu_finalize(const FinalizeArgs& a) {
+void cpu_finalize(const LayerArgs& a) {
   IeeeDenormals ieee;
-  const T* x = static_cast<const T*>(a.expert_out);
+  const T* x = static_cast<const T*>(a.partial);
   const T* shared = static_cast<const T*>(a.shared);
   T* wire = static_cast<T*>(a.wire);
   for (int64_t m = 0; m < a.M; ++m) {
@@ -58,7 +58,7 @@ void cpu_finalize(const FinalizeArgs& a) {
           [](T raw, float (&v)[1]) { v[0] = to_f32(raw); });
       float sh[1];
       if (shared) sh[0] = to_f32(shared[m * a.H + h]);
-      finalize_scale_and_shared<1>(acc, a.routed_scaling_factor, shared ? sh : nullptr);
+      finalize_scale_and_shared<1>(acc, a.cfg.routed_scaling_factor, shared ? sh : nullptr);
       wire[m * a.H + h] = from_f32<T>(acc[0]);
     }
   }
@@ -67,7 +67,7 @@ void cpu_finalize(const FinalizeArgs& a) {
 namespace {
 
 // Quantizes one row of norm_out values (already rounded to T, held as float32).
-void quantize_row(const TailArgs& a, int64_t m, const float* q) {
+void quantize_row(const LayerArgs& a, int64_t m, const float* q) {
   const OpConfig& c = a.cfg;
   const int64_t H = a.H;
   uint8_t* codes = a.quant_out;
@@ -125,11 +125,11 @@ void quantize_row(const TailArgs& a, int64_t m, const float* q) {
 }  // namespace
 
 template <typename T>
-void cpu_tail(const TailArgs& a) {
+void cpu_tail(const LayerArgs& a) {
   IeeeDenormals ieee;
   const OpConfig& c = a.cfg;
   const int64_t M = a.M, H = a.H, MH = M * H;
-  const T* parts = static_cast<const T*>(a.partials);
+  const T* parts = static_cast<const T*>(a.partial);
   const T* residual = static_cast<const T*>(a.residual);
   const bool quant = c.has(kOutQuant) && c.quant != QuantKind::kNone;
   if (quant && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled)) {
@@ -160,11 +160,11 @@ void cpu_tail(const TailArgs& a) {
   }
 }
 
-template void cpu_finalize<float>(const FinalizeArgs&);
-template void cpu_finalize<bf16_t>(const FinalizeArgs&);
-template void cpu_finalize<f16_t>(const FinalizeArgs&);
-template void cpu_tail<float>(const TailArgs&);
-template void cpu_tail<bf16_t>(const TailArgs&);
-template void cpu_tail<f16_t>(const TailArgs&);
+template void cpu_finalize<float>(const LayerArgs&);
+template void cpu_finalize<bf16_t>(const LayerArgs&);
+template void cpu_finalize<f16_t>(const LayerArgs&);
+template void cpu_tail<float>(const LayerArgs&);
+template void cpu_tail<bf16_t>(const LayerArgs&);
+template void cpu_tail<f16_t>(const LayerArgs&);
 
 }  // namespace mar

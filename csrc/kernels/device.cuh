@@ -7,7 +7,7 @@
 
 #include "../common/exchange.h"
 #include "../common/numerics.h"
-#include "fused.h"
+#include "fused.h"  // LayerArgs, ExchangeView
 
 namespace mar {
 namespace dev {

@@ -39,7 +39,7 @@ using namespace dev;
 // NV 16-byte vectors of row m (vector indices v[0..NV)): the token's expert
 // slots, weights and indices are read once for all of them.
 template <typename T, int NV>
-__device__ __forceinline__ void wire_vectors(const FusedArgs& a, uint32_t m, const uint32_t (&v)[NV],
+__device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, const uint32_t (&v)[NV],
                                              uint4 (&out)[NV]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
@@ -98,7 +98,7 @@ __device__ __forceinline__ void wire_vectors(const FusedArgs& a, uint32_t m, con
 // get it. The wire values are computed before `poisoned` is looked at, so the
 // counters' load is not on the inputs' path.
 template <typename T, int NV, typename Dest>
-__device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeView& x,
+__device__ __forceinline__ void push_items(const LayerArgs& a, const ExchangeView& x,
                                            const CallState& st, int n_dst, Dest dest,
                                            uint32_t block, uint32_t blocks) {
   constexpr int V = Pack<T>::V;
@@ -126,7 +126,7 @@ __device__ __forceinline__ void push_items(const FusedArgs& a, const ExchangeVie
 // the shortest dependency chain per thread), else two of the same row per
 // item (large M: half the index and weight loads per vector).
 template <typename T, typename Dest>
-__device__ __forceinline__ void push_rows(const FusedArgs& a, const ExchangeView& x,
+__device__ __forceinline__ void push_rows(const LayerArgs& a, const ExchangeView& x,
                                           const CallState& st, int n_dst, Dest dest,
                                           uint32_t block, uint32_t blocks) {
   const uint32_t vectors = uint32_t(a.M) * uint32_t(a.H / Pack<T>::V);
@@ -155,7 +155,7 @@ __device__ __forceinline__ uint32_t pusher_blocks(uint32_t M, uint32_t grid) {
 // of both from this rank's buffer at once (4 ranks at a time), waits for those
 // still empty, clears them, sums in rank order and adds the residual.
 template <typename T>
-__device__ __forceinline__ void reduce_vectors(const FusedArgs& a, const ExchangeView& x,
+__device__ __forceinline__ void reduce_vectors(const LayerArgs& a, const ExchangeView& x,
                                                const CallState& st, uint32_t m, uint32_t v0,
                                                uint32_t v1, bool has1, uint4 (&out)[2]) {
   using PK = Pack<T>;
@@ -210,7 +210,7 @@ __device__ __forceinline__ void reduce_vectors(const FusedArgs& a, const Exchang
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    oneshot_kernel(const __grid_constant__ FusedArgs a, const __grid_constant__ ExchangeView x) {
+    oneshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
@@ -254,7 +254,7 @@ struct Packet {
   uint64_t flags_bytes = 0;
 };
 
-__host__ __device__ inline Packet packet_of(const FusedArgs& a, int elem_bytes) {
+__host__ __device__ inline Packet packet_of(const LayerArgs& a, int elem_bytes) {
   const OpConfig& c = a.cfg;
   Packet p;
   auto pad = [](uint64_t b) { return (b + 15) / 16 * 16; };
@@ -307,7 +307,7 @@ __device__ __forceinline__ void copy8(char* dst, const char* src, uint64_t bytes
 
 // Codes mode, owner side: row m's codes and scales (just written by this block)
 // into every peer's packet, then the flag.
-__device__ void send_codes(const FusedArgs& a, const ExchangeView& x, const Packet& pk, int64_t m,
+__device__ void send_codes(const LayerArgs& a, const ExchangeView& x, const Packet& pk, int64_t m,
                            uint32_t epoch) {
   __syncthreads();  // the row's codes and scales were written by other threads
   for (int p = 0; p < x.nranks; ++p) {
@@ -327,7 +327,7 @@ __device__ void send_codes(const FusedArgs& a, const ExchangeView& x, const Pack
 
 // Codes mode, receiver side: row m's codes and scales out of the packet. On
 // failure they are filled with 0xff bytes (NaN in every scale format).
-__device__ void receive_codes(const FusedArgs& a, const ExchangeView& x, const Packet& pk,
+__device__ void receive_codes(const LayerArgs& a, const ExchangeView& x, const Packet& pk,
                               int64_t m, int owner, const CallState& st, int* ok_flag) {
   const bool ok = await_row(x, m, owner, st, ok_flag);
   const char* src = packet_at(x, x.rank, pk, m);
@@ -356,7 +356,7 @@ __device__ void receive_codes(const FusedArgs& a, const ExchangeView& x, const P
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    twoshot_kernel(const __grid_constant__ FusedArgs a, const __grid_constant__ ExchangeView x) {
+    twoshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double red_d[kMaxWarps];
   __shared__ float red_f[kMaxWarps];
@@ -431,7 +431,7 @@ struct Geometry {
 };
 
 template <typename T>
-Geometry geometry_of(const FusedArgs& a, const ExchangeView& x) {
+Geometry geometry_of(const LayerArgs& a, const ExchangeView& x) {
   const int64_t vectors = a.H / Pack<T>::V;
   const int64_t threads =
       std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up((vectors + 1) / 2, 32)));
@@ -439,7 +439,7 @@ Geometry geometry_of(const FusedArgs& a, const ExchangeView& x) {
 }
 
 template <typename T>
-cudaError_t launch_typed(const FusedArgs& a, const ExchangeView& x, Algorithm algo,
+cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm algo,
                          cudaStream_t stream) {
   const Geometry g = geometry_of<T>(a, x);
   const size_t smem = size_t(a.H) * sizeof(T);
@@ -464,43 +464,41 @@ cudaError_t set_smem_limit() {
 }  // namespace
 
 cudaError_t prepare_fused_kernels() {
-  cudaError_t e = set_smem_limit<float>();
-  if (e == cudaSuccess) e = set_smem_limit<bf16_t>();
-  if (e == cudaSuccess) e = set_smem_limit<f16_t>();
-  return e;
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    const cudaError_t e = with_float_type(t, [](auto tag) { return set_smem_limit<decltype(tag)>(); });
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
-static int elem_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
-
-const char* fused_capacity_problem(DType t, const FusedArgs& a, const ExchangeView& x,
+const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeView& x,
                                    Algorithm algorithm) {
-  const uint64_t row_bytes = uint64_t(a.H) * uint64_t(elem_bytes(t));
+  if (algorithm != Algorithm::kOneShot && algorithm != Algorithm::kTwoShot)
+    return "unknown algorithm code";
+  const uint64_t elem = t == DType::kF32 ? 4 : 2, row_bytes = uint64_t(a.H) * elem;
   // The kernels index elements with 32-bit math.
-  constexpr uint64_t kMaxElements = uint64_t(1) << 31;
-  if (uint64_t(a.M) * uint64_t(a.H) >= kMaxElements || uint64_t(a.P) * uint64_t(a.H) >= kMaxElements ||
-      uint64_t(a.M) * uint64_t(a.K) >= kMaxElements)
+  const uint64_t limit = uint64_t(kMaxElements);
+  if (uint64_t(a.M) * uint64_t(a.H) >= limit || uint64_t(a.P) * uint64_t(a.H) >= limit ||
+      uint64_t(a.M) * uint64_t(a.K) >= limit)
     return "the call's arrays exceed 2^31 elements (the kernels index them with 32-bit math)";
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
   if (row_bytes > uint64_t(kMaxRowBytes))
     return "rows are wider than the kernel's shared-memory staging";
   if (algorithm == Algorithm::kTwoShot) {
-    const Packet pk = packet_of(a, elem_bytes(t));
+    const Packet pk = packet_of(a, int(elem));
     if (pk.flags_bytes + uint64_t(a.M) * pk.bytes > x.gather_bytes)
       return "the call's output packets exceed the workspace's gather area";
   }
   return nullptr;
 }
 
-cudaError_t launch_fused(DType t, const FusedArgs& a, const ExchangeView& x, Algorithm algorithm,
+cudaError_t launch_fused(DType t, const LayerArgs& a, const ExchangeView& x, Algorithm algorithm,
                          cudaStream_t stream) {
   if (a.M <= 0) return cudaSuccess;
-  switch (t) {
-    case DType::kF32: return launch_typed<float>(a, x, algorithm, stream);
-    case DType::kBF16: return launch_typed<bf16_t>(a, x, algorithm, stream);
-    case DType::kF16: return launch_typed<f16_t>(a, x, algorithm, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_float_type(t, [&](auto tag) {
+    return launch_typed<decltype(tag)>(a, x, algorithm, stream);
+  });
 }
 
 }  // namespace mar

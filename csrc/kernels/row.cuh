@@ -14,7 +14,7 @@ namespace dev {
 
 // gamma[v*V .. v*V+V) as float32; gamma is T or float32 (SPEC §2).
 template <typename T>
-__device__ __forceinline__ void load_gamma(const FusedArgs& a, uint32_t v, float (&g)[Pack<T>::V]) {
+__device__ __forceinline__ void load_gamma(const LayerArgs& a, uint32_t v, float (&g)[Pack<T>::V]) {
   constexpr int V = Pack<T>::V;
   if (a.gamma_dtype == DType::kF32) {
     const float* p = static_cast<const float*>(a.gamma) + v * V;
@@ -30,7 +30,7 @@ __device__ __forceinline__ void load_gamma(const FusedArgs& a, uint32_t v, float
   }
 }
 
-__device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, uint32_t H) {
+__device__ __forceinline__ void prefetch_gamma(const LayerArgs& a, uint32_t H) {
   const uint32_t bytes = H * (a.gamma_dtype == DType::kF32 ? 4u : 2u);
   for (uint32_t b = threadIdx.x * 128u; b < bytes; b += blockDim.x * 128u)
     prefetch_l1(static_cast<const char*>(a.gamma) + b);
@@ -38,7 +38,7 @@ __device__ __forceinline__ void prefetch_gamma(const FusedArgs& a, uint32_t H) {
 
 // Element index, in the scale output, of row m's j-th scale (one place for the
 // scale layouts of SPEC §3: per token, per group row/col, NVFP4 linear/swizzled).
-__device__ __forceinline__ uint32_t scale_index(const FusedArgs& a, uint32_t m, uint32_t j) {
+__device__ __forceinline__ uint32_t scale_index(const LayerArgs& a, uint32_t m, uint32_t j) {
   const OpConfig& c = a.cfg;
   const uint32_t H = uint32_t(a.H);
   switch (c.quant) {
@@ -110,7 +110,7 @@ __device__ __forceinline__ void zero_swizzle_padding_columns(uint8_t* sf_out, in
 // token (a row-wide amax), NVFP4 (one thread per 16-element block), and FP8 per
 // group when a group's vectors do not fall on 1-32 lanes (see inloop_lanes).
 template <typename T>
-__device__ void quantize_row(const FusedArgs& a, uint32_t m, const T* row, float thread_amax,
+__device__ void quantize_row(const LayerArgs& a, uint32_t m, const T* row, float thread_amax,
                              float* red) {
   const OpConfig& c = a.cfg;
   const uint32_t H = uint32_t(a.H);
@@ -198,7 +198,7 @@ __device__ void quantize_row(const FusedArgs& a, uint32_t m, const T* row, float
 // quarter ((row % 128) / 32). A thread takes one line, so a warp's stores are
 // contiguous, and writes the words of padding rows only (other words belong to
 // real rows, which their blocks write).
-__device__ __forceinline__ void zero_swizzle_padding_rows(const FusedArgs& a) {
+__device__ __forceinline__ void zero_swizzle_padding_rows(const LayerArgs& a) {
   const OpConfig& c = a.cfg;
   if (!(c.has(kOutQuant) && c.quant == QuantKind::kNvFp4 && c.has(kFp4Swizzled))) return;
   const uint32_t M = uint32_t(a.M), band = M / 128, first = M % 128;  // first padding row in band
@@ -251,7 +251,7 @@ __device__ __forceinline__ float lanes_nan_max(float v, int n) {
 // the warp calls it (the shuffles need them all); lanes with !active (past the
 // row's end, whole groups of them) store nothing. static_inv: 1/s of FP8 static.
 template <typename T>
-__device__ __forceinline__ void quantize_vector(const FusedArgs& a, uint32_t m, uint32_t v,
+__device__ __forceinline__ void quantize_vector(const LayerArgs& a, uint32_t m, uint32_t v,
                                                 bool active, const float (&q)[Pack<T>::V], int n,
                                                 float static_inv) {
   constexpr int V = Pack<T>::V;
@@ -285,7 +285,7 @@ __device__ __forceinline__ void quantize_vector(const FusedArgs& a, uint32_t m, 
 // (if asked) and to the shared staging row. Returns this thread's sum of
 // squares, accumulated in a fixed order (v0, v1, v0 + 2*blockDim, ...).
 template <typename T, typename Fetch>
-__device__ __forceinline__ double stage_row(const FusedArgs& a, uint32_t m, T* row, Fetch fetch) {
+__device__ __forceinline__ double stage_row(const LayerArgs& a, uint32_t m, T* row, Fetch fetch) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
   const uint32_t H = uint32_t(a.H), HV = H / V, bd = blockDim.x;
@@ -315,7 +315,7 @@ __device__ __forceinline__ double stage_row(const FusedArgs& a, uint32_t m, T* r
 // RMSNorm and quantization of the staged row m (every thread passes its
 // stage_row sum). Ends with a block barrier: `row` may be reused after it.
 template <typename T>
-__device__ void finish_row(const FusedArgs& a, uint32_t m, T* row, double sum_sq, double* red_d,
+__device__ void finish_row(const LayerArgs& a, uint32_t m, T* row, double sum_sq, double* red_d,
                            float* red_f) {
   using PK = Pack<T>;
   constexpr int V = PK::V;

@@ -11,7 +11,6 @@
 #include <random>
 #include <stdexcept>
 
-#include "../common/exchange.h"
 
 namespace mar::runtime {
 namespace {
@@ -116,7 +115,6 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
         std::memset(me.host_trace, 0, kTraceWords * sizeof(uint64_t));
         check(cudaHostGetDevicePointer(&me.view.trace, me.host_trace, 0), on + ": trace record");
       }
-      check(prepare_fused_kernels(), on + ": kernel attributes");
       me.view.rank = 0;
       me.view.nranks = int(devs.size());
       me.view.slot_bytes = slot_bytes;

@@ -1,5 +1,6 @@
 // Exchange workspaces: per device group, peer-visible buffers and counters,
 // created once from Python at lowering time and alive until process exit.
+// Only the data layout of common/exchange.h is shared with the kernels.
 #pragma once
 
 #include <cstdint>
@@ -7,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "../kernels/fused.h"
+#include "../common/exchange.h"
 
 namespace mar::runtime {
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds scripts/harness/build/harness from the package's own kernel and workspace
-# sources (no JAX, no XLA). Run from anywhere; needs nvcc and an sm_90 target.
+# Builds the harness (the CMake target `harness`: the package's own kernel and
+# workspace objects, no JAX, no XLA) and prints the executable's path last.
+# Usage: scripts/harness/build.sh [BUILD_DIR]   (default: build/harness in the repo)
+# Needs nvcc, CMake >= 3.24 and an sm_90 target GPU to run it.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-mkdir -p "$here/build"
-nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -fmad=false -lineinfo \
-  -I"$root/csrc" "$here/harness.cu" "$root/csrc/kernels/fused.cu" \
-  "$root/csrc/runtime/workspace.cc" -o "$here/build/harness"
-echo "built $here/build/harness"
+root=$(cd "$(dirname "$0")/../.." && pwd)
+dir=${1:-$root/build/harness}
+mkdir -p "$dir"
+cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Release -DJAX_MOE_AR_PYTHON=OFF \
+  -DJAX_MOE_AR_HARNESS=ON -DJAX_MOE_AR_CUDA=ON > "$dir.cmake.log" 2>&1 \
+  || { cat "$dir.cmake.log" >&2; exit 1; }
+cmake --build "$dir" --target harness -j 4 > "$dir.build.log" 2>&1 \
+  || { tail -50 "$dir.build.log" >&2; exit 1; }
+echo "$dir/harness"

@@ -114,7 +114,7 @@ OutputBytes output_bytes(const Options& o) {
 }
 
 // Fresh zeroed output buffers for a (the sizes of output_bytes).
-void allocate_outputs(mar::FusedArgs& a, const Options& o) {
+void allocate_outputs(mar::LayerArgs& a, const Options& o) {
   const OutputBytes b = output_bytes(o);
   a.residual_out = zeros(b.residual);
   a.norm_out = b.norm ? zeros(b.norm) : nullptr;
@@ -133,7 +133,7 @@ float fast_value(uint64_t& state) {
 // expert rows and routing come from `rng` (they differ by rank); the residual
 // and gamma from `shared_seed`, alike for every rank (SPEC: the residual
 // is the same on every rank of a group).
-mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_seed) {
+mar::LayerArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_seed) {
   uint64_t state = rng(), shared = shared_seed;
   const int64_t M = o.M, H = o.H, K = o.K;
   const int64_t P = std::max<int64_t>(1, M * K / o.ranks + 1);  // this rank's expert rows
@@ -151,7 +151,7 @@ mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_se
     idx[i] = u(rng) * float(o.ranks) < 1.0f ? row(rng) : -1;
     scales[i] = 0.05f + 0.9f * u(rng);
   }
-  mar::FusedArgs a;
+  mar::LayerArgs a;
   a.partial = upload(ex);
   a.idx = upload(idx);
   a.scales = upload(scales);
@@ -182,13 +182,13 @@ mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_se
 }
 
 // a with the same inputs and fresh zeroed outputs.
-mar::FusedArgs with_fresh_outputs(mar::FusedArgs a, const Options& o) {
+mar::LayerArgs with_fresh_outputs(mar::LayerArgs a, const Options& o) {
   allocate_outputs(a, o);
   return a;
 }
 
 // Every output byte of a, in a fixed order.
-std::vector<uint8_t> outputs_of(const mar::FusedArgs& a, const Options& o) {
+std::vector<uint8_t> outputs_of(const mar::LayerArgs& a, const Options& o) {
   const OutputBytes b = output_bytes(o);
   const std::pair<const void*, size_t> parts[] = {
       {a.residual_out, b.residual}, {a.norm_out, b.norm}, {a.quant_out, b.quant}, {a.scale_out, b.scale}};
@@ -236,13 +236,13 @@ int main(int argc, char** argv) {
   std::vector<mar::Algorithm> algos;
   for (const auto& n : names) algos.push_back(algorithm_named(n));
   std::mt19937 rng(7);
-  std::vector<std::vector<mar::FusedArgs>> args(algos.size());  // [algorithm][rank]
+  std::vector<std::vector<mar::LayerArgs>> args(algos.size());  // [algorithm][rank]
   std::vector<const mar::ExchangeView*> views;
   std::vector<cudaStream_t> streams(devs.size());
   std::vector<cudaEvent_t> start(devs.size()), stop(devs.size());
   for (size_t r = 0; r < devs.size(); ++r) {
     check(cudaSetDevice(devs[r]), "cudaSetDevice");
-    const mar::FusedArgs base = make_args(o, rng, 11);
+    const mar::LayerArgs base = make_args(o, rng, 11);
     views.push_back(mar::runtime::find_view_at(ws, r));
     for (size_t v = 0; v < algos.size(); ++v) {
       args[v].push_back(v == 0 ? base : with_fresh_outputs(base, o));

@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/jax_moe_ar_out}
 mkdir -p "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/times.sh" 1 2 2>&1 | tee "$OUT/harness_times.txt"
-h="$here/build/harness"
+h=$(bash "$here/build.sh" | tail -1) || exit 1
 Ms=${*:-1 128 8192}
 for M in $Ms; do
   timeout 240 ncu --set full --import-source yes --warp-sampling-interval 0 -k regex:oneshot -s 10 -c 1 -f -o "$OUT/ncu_m$M" \

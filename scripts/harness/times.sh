@@ -4,8 +4,7 @@
 # Usage (repo root, GPU machine): bash scripts/harness/times.sh [ranks...]
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-bash "$here/build.sh" > /dev/null || exit 1
-h="$here/build/harness"
+h=$(bash "$here/build.sh" | tail -1) || exit 1
 for algo in oneshot twoshot; do
   for r in ${*:-1 2}; do
     for M in 1 32 128 2048 8192; do
