@@ -27,22 +27,24 @@ inline uint64_t exchange_area_bytes(uint64_t nranks, uint64_t slot_bytes) {
   return uint64_t(kNumBuffers) * nranks * slot_bytes;
 }
 
-// Bytes of a rank's two-shot gather area for slots of `slot_bytes`: row flags
-// plus packets of every output a row can carry (at most 3x the row's partial).
+// Bytes of a rank's two-shot gather area for slots of `slot_bytes`: the rows'
+// residual_out packets (a slot's worth) and their flags (one per row and
+// block of the row: at most a quarter of the packets' bytes, as rows are at
+// least 16 values wide and spread over at most 8 blocks).
 inline uint64_t gather_area_bytes(uint64_t slot_bytes) {
-  return 3 * slot_bytes + slot_bytes / 8 + 4096;
+  return slot_bytes + slot_bytes / 4 + 4096;
 }
 
 // Blocks of one launch at most: each block keeps its own epoch.
-constexpr int kMaxGrid = 1024;
+constexpr int kMaxGrid = 4096;
 
 // Per-rank counters in device memory.
 struct DeviceCounters {
   uint32_t status;        // 0: healthy; 1: a wait timed out, the workspace is poisoned
   uint32_t pad[31];       // status alone on its 128-byte line
-  // Calls block b of this rank has completed; selects the rotating buffer. Every
-  // launch has the same grid, so all blocks' counts agree at the start of a call,
-  // and each block advances its own at its end: no grid-wide atomic, no wait.
+  // Calls block b of this rank has taken part in; selects the rotating buffer
+  // and the two-shot flag value. Each block advances its own at its end: no
+  // grid-wide atomic, no wait (kernels/device.cuh, begin_call).
   uint32_t epoch[kMaxGrid];
 };
 
@@ -66,7 +68,8 @@ struct ExchangeView {
   DeviceCounters* counters = nullptr;
   ErrorRecord* error = nullptr;  // device alias of the host-mapped record
   uint64_t timeout_ns = 0;
-  int32_t group_sms = 1;         // SMs of the group's smallest GPU (sets the grid)
+  int32_t group_sms = 1;         // SMs this rank may fill: the group's smallest GPU's,
+                                 // divided among the group's ranks on one device
   uint64_t* trace = nullptr;     // host-mapped phase times of block 0, or nullptr (off)
 };
 

@@ -1,7 +1,10 @@
 // Device building blocks of the fused kernels: 16-byte packs of T, loads and
-// stores with the scopes the exchange needs, fixed-order block reductions and
-// the bounded waits. No op logic here (that is fused.cu and row.cuh).
+// stores with the scopes the exchange needs, fixed-order reductions over a
+// block and over a cluster of blocks, and the bounded waits. No op logic here
+// (that is fused.cu and tail.cuh).
 #pragma once
+
+#include <cooperative_groups.h>
 
 #include <type_traits>
 
@@ -12,8 +15,14 @@
 namespace mar {
 namespace dev {
 
-constexpr int kMaxThreads = 512;
+namespace cg = cooperative_groups;
+
+// Threads of a block at most: a block holds one 16-byte vector per thread of
+// its slice of a row (see Geometry in fused.cu).
+constexpr int kMaxThreads = 768;
 constexpr int kMaxWarps = kMaxThreads / 32;
+// Blocks of one row at most: a portable cluster.
+constexpr int kMaxCluster = 8;
 
 // 16 bytes <-> V float32 values of T.
 template <typename T> struct Pack;
@@ -100,31 +109,54 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 }
 
 // ---- reductions (fixed order, so every rank gets the same bits) -------------
-__device__ __forceinline__ double block_sum(double v, double* red) {
+// Over a row's blocks (a cluster of C blocks, cluster rank order). Each takes
+// the block's scratch `red` (kMaxWarps values) and its two cluster slots
+// `out[2]`, used by alternate calls: a block writes slot i % 2 for its i-th
+// reduction, which its peers have stopped reading once they reached the
+// cluster barrier of reduction i + 1 (so one barrier per reduction suffices;
+// the kernel ends with cluster_done()).
+struct Sum {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct NanMax {
+  __device__ float operator()(float a, float b) const { return nan_max(a, b); }
+};
+
+template <typename R, typename Op>
+__device__ __forceinline__ R block_reduce(R v, R* red, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   __syncthreads();  // `red` may still be read from the previous use
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
-  double t = 0.0;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) t += red[i];
+  R t = red[0];
+  for (int i = 1; i < int(blockDim.x >> 5); ++i) t = op(t, red[i]);
   return t;
 }
 
-__device__ __forceinline__ float warp_nan_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+template <typename R, typename Op>
+__device__ __forceinline__ R cluster_reduce(R v, R* red, R* out, uint32_t& parity, int C, Op op) {
+  R t = block_reduce(v, red, op);
+  if (C == 1) return t;
+  R* slot = out + parity;
+  parity ^= 1u;
+  if (threadIdx.x == 0) *slot = t;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  R s = *cluster.map_shared_rank(slot, 0u);
+  for (int c = 1; c < C; ++c) s = op(s, *cluster.map_shared_rank(slot, unsigned(c)));
+  return s;
+}
+
+// Before a block of a cluster exits: its shared memory may still be read by peers.
+__device__ __forceinline__ void cluster_done(int C) {
+  if (C > 1) cg::this_cluster().sync();
+}
+
+// NaN-propagating max over this lane's aligned group of n lanes (n a power of two <= 32).
+__device__ __forceinline__ float lanes_nan_max(float v, int n) {
+  for (int o = 1; o < n; o <<= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-__device__ __forceinline__ float block_nan_max(float v, float* red) {
-  v = warp_nan_max(v);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = 0.0f;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) t = nan_max(t, red[i]);
-  return t;
 }
 
 // ---- per-call state ------------------------------------------------------------
@@ -135,6 +167,10 @@ struct CallState {
   uint64_t t0;     // start of the call, for the wait bound
 };
 
+// Block b keeps its own count of calls (DeviceCounters::epoch[b]). Every rank
+// launches the same grids in the same order, and the block that exchanges an
+// element of a row has the same index on every rank, so the counts of the
+// blocks that meet always agree, whatever the grid of each call.
 // Nothing here gates the first loads of the inputs: callers branch on
 // `poisoned` only where they store or wait, so the counters' load latency
 // overlaps the loads of indices and expert rows.
@@ -192,7 +228,7 @@ struct Tracer {
 // Called every 256 spins of a wait: true when the wait must end — this rank
 // already failed (the workspace is poisoned), or the bound passed, in which
 // case the first thread to notice records the failure for the host.
-__device__ __noinline__ bool wait_expired(const ExchangeView& x, uint32_t epoch, uint64_t t0,
+static __device__ __noinline__ bool wait_expired(const ExchangeView& x, uint32_t epoch, uint64_t t0,
                                           int peer) {
   if (ld_volatile_u32(&x.counters->status) != 0u) return true;
   const uint64_t waited = global_timer_ns() - t0;

@@ -9,15 +9,20 @@
 
 namespace mar {
 
-// Sets each kernel's dynamic shared-memory limit (one row of T) on the current
-// device; once per device, outside any captured region.
-cudaError_t prepare_fused_kernels();
-
 // Why a call of `args` cannot run on the workspace with `algorithm`; nullptr when it can.
 const char* fused_capacity_problem(DType t, const LayerArgs& args, const ExchangeView& view,
                                    Algorithm algorithm);
 
 cudaError_t launch_fused(DType t, const LayerArgs& args, const ExchangeView& view,
                          Algorithm algorithm, cudaStream_t stream);
+
+// The grid launch_fused uses for a call (blocks, threads per block, blocks per
+// cluster, dynamic shared memory): for timing floors of the same shape.
+struct LaunchShape {
+  int grid = 0, block = 0, cluster = 1;
+  size_t smem = 0;
+};
+LaunchShape fused_launch_shape(DType t, const LayerArgs& args, const ExchangeView& view,
+                               Algorithm algorithm);
 
 }  // namespace mar
