@@ -10,7 +10,12 @@
 #include "common/exchange.h"
 #include "ffi/cpu.h"
 #if defined(JAX_MOE_AR_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+
 #include "ffi/cuda.h"
+#include "kernels/fused.h"
 #include "runtime/workspace.h"
 #endif
 
@@ -54,8 +59,30 @@ nb::dict constants() {
 }
 
 #if defined(JAX_MOE_AR_WITH_CUDA)
+// Creates the workspace, then loads the kernels on each of its devices (at
+// lowering time: outside any captured region, before any launch).
+int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
+                         double timeout_s) {
+  const int64_t id = mar::runtime::create_workspace(groups, slot_bytes, timeout_s);
+  int saved = 0;
+  cudaGetDevice(&saved);
+  for (const auto& group : groups) {
+    for (int d : group) {
+      cudaError_t e = cudaSetDevice(d);
+      if (e == cudaSuccess) e = mar::prepare_fused_kernels();
+      if (e != cudaSuccess) {
+        cudaSetDevice(saved);
+        throw std::runtime_error("GPU " + std::to_string(d) + ": loading the kernels: " +
+                                 cudaGetErrorString(e));
+      }
+    }
+  }
+  cudaSetDevice(saved);
+  return id;
+}
+
 void bind_workspace(nb::module_& m) {
-  m.def("workspace_create", &mar::runtime::create_workspace, nb::arg("groups"), nb::arg("slot_bytes"),
+  m.def("workspace_create", &create_workspace, nb::arg("groups"), nb::arg("slot_bytes"),
         nb::arg("timeout_s"),
         "Creates the exchange workspace of device groups (CUDA ordinals in rank order); "
         "returns its id. Raises RuntimeError when the groups cannot be served.");

@@ -99,7 +99,7 @@ __device__ __forceinline__ void push_to(const ExchangeView& x, const CallState& 
 // The rank-ordered sum of SPEC §3 of one vector: `own` is this rank's wire,
 // from registers; every other rank's comes from slot s of this rank's current
 // buffer (peers read 4 at a time, then waited for, cleared and added in rank
-// order). When `only_peers` is false no slot is read (a group of one).
+// order). A group of one reads no slot.
 template <typename T>
 __device__ __forceinline__ void rank_sum(const ExchangeView& x, const CallState& st,
                                          uint64_t offset, uint4 own, float (&y)[Pack<T>::V]) {
@@ -423,7 +423,28 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
   return cudaLaunchKernelEx(&cfg, l.kernel, a, x, l.g);
 }
 
+template <typename T>
+cudaError_t load_kernels() {
+  for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot}) {
+    for (int TR : {256, kMaxThreads}) {
+      cudaFuncAttributes attr;
+      const cudaError_t e =
+          cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel_for<T>(algo, {1, TR, 0})));
+      if (e != cudaSuccess) return e;
+    }
+  }
+  return cudaSuccess;
+}
+
 }  // namespace
+
+cudaError_t prepare_fused_kernels() {
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    const cudaError_t e = with_float_type(t, [](auto tag) { return load_kernels<decltype(tag)>(); });
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
 
 const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeView& x,
                                    Algorithm algorithm) {

@@ -9,6 +9,13 @@
 
 namespace mar {
 
+// Loads every kernel on the current device. Call once per device before the
+// first launch and outside any captured region: with CUDA's lazy module
+// loading, the first launch of a kernel would otherwise load it then, and a
+// load can wait for the kernels already running — such as a peer rank's
+// kernel sharing the device, waiting for this one (a deadlock until the bound).
+cudaError_t prepare_fused_kernels();
+
 // Why a call of `args` cannot run on the workspace with `algorithm`; nullptr when it can.
 const char* fused_capacity_problem(DType t, const LayerArgs& args, const ExchangeView& view,
                                    Algorithm algorithm);

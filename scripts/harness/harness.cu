@@ -48,7 +48,8 @@ void usage() {
                "harness [--ranks N] [--M m] [--H h] [--K k] [--iters n] [--warmup n]\n"
                "        [--algo oneshot|twoshot] [--quant none|fp8_static|fp8_per_token|"
                "fp8_per_group|nvfp4] [--group-size g]\n"
-               "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n");
+               "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n"
+               "        [--timeout seconds (bound of every wait, default 10)]\n");
   std::exit(2);
 }
 
@@ -72,6 +73,7 @@ Options parse(int argc, char** argv) {
     else if (k == "--verify") o.verify = std::atoi(v) != 0;
     else if (k == "--floors") o.floors = std::atoi(v) != 0;
     else if (k == "--graph") o.graph = std::atoi(v) != 0;
+    else if (k == "--timeout") o.timeout_s = std::atof(v);
     else usage();
   }
   if (o.ranks < 1 || o.ranks > int(mar::kMaxRanks) || o.M < 1 || o.H % 16 != 0 || o.K < 1 ||
@@ -186,11 +188,20 @@ int main(int argc, char** argv) {
   const uint64_t slot = std::max<uint64_t>(1u << 20, uint64_t(o.M) * o.H * 2);
   int64_t ws = 0, floor_ws = 0;
   try {
-    ws = mar::runtime::create_workspace({rk.devs}, slot, 10.0);
-    if (o.floors && o.ranks > 1) floor_ws = mar::runtime::create_workspace({rk.devs}, 1u << 20, 10.0);
+    ws = mar::runtime::create_workspace({rk.devs}, slot, o.timeout_s);
+    if (o.floors && o.ranks > 1) floor_ws = mar::runtime::create_workspace({rk.devs}, 1u << 20, o.timeout_s);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "workspace: %s\n", e.what());
     return 1;
+  }
+  // Every kernel loaded before any launch (see prepare_fused_kernels).
+  for (int d = 0; d < count && d < o.ranks; ++d) {
+    check(cudaSetDevice(rk.devs[d]), "cudaSetDevice");
+    check(mar::prepare_fused_kernels(), "loading the kernels");
+    cudaFuncAttributes attr;
+    for (const void* k : {reinterpret_cast<const void*>(&empty_kernel), reinterpret_cast<const void*>(&memory_kernel),
+                          reinterpret_cast<const void*>(&protocol_kernel)})
+      check(cudaFuncGetAttributes(&attr, k), "loading the floor kernels");
   }
   // Algorithms run: the one asked, or under --check both, interleaved.
   std::vector<std::string> names = {o.algo};
