@@ -12,7 +12,7 @@
 //   --check     runs one-shot and two-shot interleaved call by call on one
 //               workspace, each into its own outputs, and requires every output
 //               byte of both algorithms and every rank to equal rank 0's
-//               one-shot (the ranks share the residual and gamma, as SPEC
+//               one-shot (the ranks share the residual and gamma, as SPEC §2
 //               requires), and no failure. Exit status 1 if not.
 //
 // Build and run on a GPU machine (scripts/harness/build.sh), e.g.
@@ -131,7 +131,7 @@ float fast_value(uint64_t& state) {
 
 // One rank's operands and results, like the Python package passes them. The
 // expert rows and routing come from `rng` (they differ by rank); the residual
-// and gamma from `shared_seed`, alike for every rank (SPEC: the residual
+// and gamma from `shared_seed`, alike for every rank (SPEC §2: the residual
 // is the same on every rank of a group).
 mar::FusedArgs make_args(const Options& o, std::mt19937& rng, uint64_t shared_seed) {
   uint64_t state = rng(), shared = shared_seed;
