@@ -5,6 +5,7 @@
 line that mentions SPEC or spec.md ("SPEC §2/§3" checks both); inside docs/spec.md every "§"
 counts. "SPEC.md" names a file the repository does not have, so it is refused too."""
 
+import os
 import re
 from pathlib import Path
 
@@ -41,14 +42,14 @@ def citations(text: str, every_line: bool = False) -> list[tuple[int, str]]:
 
 
 def source_files():
-    for path in sorted(ROOT.rglob("*")):
-        rel = path.relative_to(ROOT)
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
-            continue
-        if any(skip in path.parents for skip in SKIP_PATHS):
-            continue
-        if path.is_file() and (path.suffix in SOURCE_SUFFIXES or path.name == "CMakeLists.txt"):
-            yield path
+    for top, dirs, files in os.walk(ROOT):
+        here = Path(top)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
+                         and here / d not in SKIP_PATHS)
+        for name in sorted(files):
+            path = here / name
+            if path.suffix in SOURCE_SUFFIXES or name == "CMakeLists.txt":
+                yield path
 
 
 def unresolved(text: str, sections: set[str], every_line: bool = False) -> list[str]:
