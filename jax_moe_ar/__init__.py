@@ -1,5 +1,5 @@
 """jax_moe_ar: the end of an MoE layer (finalize + all-reduce + residual + RMSNorm + quant)
-as one collective op for JAX on NVIDIA GPUs. See SPEC.md §2 for the API."""
+as one collective op for JAX on NVIDIA GPUs. See docs/spec.md §2 for the API."""
 
 from . import reference
 from .ops import allreduce_rmsnorm, moe_finalize_allreduce

@@ -523,7 +523,7 @@ def assert_norm_agrees(got, want, what="norm"):
                              f"got {got[i]!r}, want {want[i]!r} ({int(d[i])} ulp)")
     same = (bits(got) == bits(want)) | (gn & wn)
     frac = float(same.mean())
-    assert frac >= 0.999, f"{what}: only {100 * frac:.3f}% bit-identical (SPEC: >= 99.9%)"
+    assert frac >= 0.999, f"{what}: only {100 * frac:.3f}% bit-identical (SPEC §3: >= 99.9%)"
 
 
 def nvfp4_unspecified_mask(q_in, M, H):

@@ -1,4 +1,4 @@
-"""NumPy oracle written from SPEC.md §3; imports nothing from jax_moe_ar.
+"""NumPy oracle written from docs/spec.md §3 (SPEC); imports nothing from jax_moe_ar.
 
 Every step is IEEE float32 with each product and sum rounded separately, in
 the order SPEC §3 states.  Vectorised over tokens (M) and columns (H); the
@@ -210,7 +210,7 @@ def _quant_fp8_per_group(q, group_size=128, ue8m0=False, scale_layout="row"):
 
 
 def swizzled_offset(m, b, H):
-    """SPEC's 128x4 byte offset of (row m, block b) for hidden size H (works on ints or arrays)."""
+    """SPEC §3's 128x4 byte offset of (row m, block b) for hidden size H (works on ints or arrays)."""
     Kt = -(-int(H) // 64)
     return ((m // 128) * Kt * 512 + (b // 4) * 512 + (m % 32) * 16
             + ((m % 128) // 32) * 4 + (b % 4))
@@ -271,7 +271,7 @@ def quantize(norm_out, kind, **params):
     nvfp4: global_scale (float32 scalar), layout="linear"|"swizzled_128x4"
          -> (codes [M,H/2] uint8, sf float8_e4m3fn [M,H/16] (linear) or [roundup(M,128), roundup(H/16,4)] (swizzled, padding 0))
 
-    Input is q_in = f32(norm_out).  Default nvfp4 layout is "swizzled_128x4" (SPEC's NvFp4 default).
+    Input is q_in = f32(norm_out).  Default nvfp4 layout is "swizzled_128x4" (SPEC §3's NvFp4 default).
     """
     q = _f32(norm_out)
     if q.ndim != 2:

@@ -1,4 +1,4 @@
-"""Tests of the NumPy oracle itself against hand-checkable facts from SPEC.md §3."""
+"""Tests of the NumPy oracle itself against hand-checkable facts from docs/spec.md §3."""
 
 import os
 import sys

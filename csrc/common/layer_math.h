@@ -92,7 +92,7 @@ MAR_HD void finalize_scale_and_shared(float (&acc)[V], float routed_scaling_fact
 }
 
 // y = f32(wire_0) + f32(wire_1) + ... in rank order; starts from wire_0 (not
-// from 0), which keeps -0.0 exactly as SPEC writes it.
+// from 0), which keeps -0.0 exactly as SPEC §3 writes it.
 MAR_HD float rank_sum_step(float y, float wire_s) { return add_rn(y, wire_s); }
 
 // residual_out = rT(y + residual), as float32.
@@ -101,7 +101,7 @@ template <typename T> MAR_HD T residual_value(float y, float residual) {
 }
 
 // Sum of squares of a row: each square rounded to float32, the sum carried in
-// float64 and rounded once. SPEC lets the order differ (norm within 1 ulp);
+// float64 and rounded once. SPEC §3 lets the order differ (norm within 1 ulp);
 // a float64 carry makes the result independent of order in practice, so CPU,
 // GPU and the oracle agree bit for bit almost always.
 MAR_HD double add_square(double acc, float r) { return acc + double(mul_rn(r, r)); }

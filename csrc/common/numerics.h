@@ -134,7 +134,7 @@ MAR_HD float to_f32(f16_t x) {
 
 // float32 -> bf16 / f16 bits, round to nearest even, subnormals kept. The
 // device uses the hardware conversion (the same rounding; a NaN comes out as
-// the canonical NaN, where the host keeps the payload: SPEC leaves NaN
+// the canonical NaN, where the host keeps the payload: SPEC §3 leaves NaN
 // payloads open).
 MAR_HD uint16_t f32_to_bf16_bits(float f) {
 #if defined(__CUDA_ARCH__)

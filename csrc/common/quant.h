@@ -43,7 +43,7 @@ MAR_HD float e4m3_decode(uint8_t c) {
 
 // float4_e2m1fn code (4 bits) of x, round to nearest even. Callers saturate
 // first (|x| <= 6). NaN has no code in e2m1: it maps to 0x7 with x's sign
-// (SPEC: codes of a block holding NaN are unspecified). Branch-free, as above.
+// (SPEC §3: codes of a block holding NaN are unspecified). Branch-free, as above.
 MAR_HD uint8_t e2m1_encode(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 28) & 0x8u;
