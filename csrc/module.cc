@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "ffi/cpu.h"
+#include "ffi/noop.h"
 #if defined(JAX_MOE_AR_WITH_CUDA)
 #include "ffi/cuda.h"
 #include "runtime/workspace.h"
@@ -52,8 +53,10 @@ NB_MODULE(_native, m) {
     nb::dict cpu, cuda, out;
     cpu["jax_moe_ar_cpu_finalize_v1"] = handler_capsule(jax_moe_ar_cpu_finalize_v1);
     cpu["jax_moe_ar_cpu_tail_v1"] = handler_capsule(jax_moe_ar_cpu_tail_v1);
+    cpu["jax_moe_ar_noop_v1"] = handler_capsule(jax_moe_ar_noop_cpu);  // the bench's no-op
 #if defined(JAX_MOE_AR_WITH_CUDA)
     cuda["jax_moe_ar_fused_v1"] = handler_capsule(jax_moe_ar_fused_v1);
+    cuda["jax_moe_ar_noop_v1"] = handler_capsule(jax_moe_ar_noop_cuda);
 #endif
     out["cpu"] = cpu;
     out["CUDA"] = cuda;
