@@ -1,7 +1,7 @@
 """The bench's parent side: its arguments, the settings a run takes from them and from the
 devices, the loop over rows (per row: both xla columns, each fused algorithm, the no-op
 chain, the agreement checks) and the summary. It measures nothing itself: every task goes
-to the pool (pool.py), so this process never starts a JAX backend.
+to the pool (pool.py), so unless ``--in-process`` this process never starts a JAX backend.
 """
 
 from __future__ import annotations
