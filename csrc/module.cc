@@ -9,6 +9,7 @@
 #include "common/config.h"
 #include "common/exchange.h"
 #include "ffi/cpu.h"
+#include "ffi/noop.h"
 #if defined(JAX_MOE_AR_WITH_CUDA)
 #include <cuda_runtime.h>
 
@@ -114,8 +115,10 @@ NB_MODULE(_native, m) {
     nb::dict cpu, cuda, out;
     cpu[mar::kTargetCpuFinalize] = handler_capsule(jax_moe_ar_cpu_finalize_v1);
     cpu[mar::kTargetCpuTail] = handler_capsule(jax_moe_ar_cpu_tail_v1);
+    cpu[mar::kTargetNoop] = handler_capsule(jax_moe_ar_noop_cpu);
 #if defined(JAX_MOE_AR_WITH_CUDA)
     cuda[mar::kTargetFused] = handler_capsule(jax_moe_ar_fused_v1);
+    cuda[mar::kTargetNoop] = handler_capsule(jax_moe_ar_noop_cuda);
 #endif
     out["cpu"] = cpu;
     out["CUDA"] = cuda;

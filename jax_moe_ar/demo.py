@@ -28,6 +28,9 @@ import time
 
 import numpy as np
 
+from .cli import (PATH_DESCRIPTIONS, add_platform_argument, compiled_path, device_summary,
+                  dtype_of, select_devices, tp_mesh)
+
 DESCRIPTION = __doc__
 
 # Max-norm relative tolerance (max|fused - xla| / max|xla|) of residual and norm per dtype.
@@ -36,72 +39,6 @@ TOLERANCE = {"bf16": 2e-2, "f16": 2e-3, "f32": 1e-4}
 # an ulp may flip a code by one step.
 QUANT_TOLERANCE = 0.15
 
-# Custom-call targets of primitives.py, to tell which path a compiled program took.
-_TARGETS = (
-    ("jax_moe_ar_fused_v1", "cuda-fused", "fused CUDA kernel"),
-    ("jax_moe_ar_cpu_tail_v1", "cpu-ffi",
-     "CPU FFI path (finalize FFI -> all_gather -> reduce/norm/quant FFI)"),
-)
-PATH_DESCRIPTIONS = {short: what for _, short, what in _TARGETS}
-PATH_DESCRIPTIONS["xla"] = "plain XLA ops + psum (the 'xla' composition)"
-
-
-# ----------------------------------------------------------------- shared CLI helpers
-
-def add_platform_argument(parser):
-    parser.add_argument("--platform", choices=("auto", "gpu", "cpu"), default="auto",
-                        help="devices to run on; auto = GPUs when present, else CPU devices "
-                             "(8 forced host devices)")
-
-
-def select_devices(platform: str):
-    """(platform name, devices): GPUs when present (or asked for), else CPU devices."""
-    from .testing import devices
-    if platform in ("auto", "gpu"):
-        gpus = devices("gpu")
-        if gpus:
-            return "gpu", gpus
-        if platform == "gpu":
-            raise SystemExit("error: --platform gpu but JAX sees no GPU "
-                             f"(backends: {_backends()})")
-    return "cpu", devices("cpu")
-
-
-def _backends() -> str:
-    import jax
-    try:
-        return jax.default_backend()
-    except Exception as e:  # pragma: no cover - diagnostic only
-        return repr(e)
-
-
-def tp_mesh(devs):
-    """A 1-D mesh named "tp" (axis type Auto, as shard_map users expect)."""
-    import jax
-    grid = np.array(list(devs), dtype=object).reshape(len(devs))
-    return jax.sharding.Mesh(grid, ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def compiled_path(hlo_text: str) -> str:
-    """Which implementation a compiled program of the op uses: "cuda-fused", "cpu-ffi" or
-    "xla" (the plain composition, also what a fused call that fell back compiles to)."""
-    for target, short, _ in _TARGETS:
-        if target in hlo_text:
-            return short
-    return "xla"
-
-
-def dtype_of(name: str):
-    import jax.numpy as jnp
-    return {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[name]
-
-
-def device_summary(platform, devs) -> str:
-    kind = getattr(devs[0], "device_kind", "?")
-    return f"{len(devs)} {platform.upper()} device(s) ({kind})"
-
-
-# ----------------------------------------------------------------------------- demo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", "-M", type=int, default=8, help="tokens per step M")
@@ -323,7 +260,3 @@ def main(args) -> int:
     print("FAIL: fused and xla disagree beyond tolerance (see the marked steps).")
     return 1
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from .__main__ import main as _cli
-    sys.exit(_cli(["demo"] + sys.argv[1:]))

@@ -15,18 +15,21 @@ os.environ.setdefault("JAX_MOE_AR_TRACE", "1")
 
 import jax  # noqa: E402
 
-from jax_moe_ar import _native, bench  # noqa: E402
+from jax_moe_ar import _native  # noqa: E402
+from jax_moe_ar.bench.inputs import IN_SPEC_NAMES, make_inputs  # noqa: E402
+from jax_moe_ar.bench.programs import chain_program  # noqa: E402
+from jax_moe_ar.cli import dtype_of, int_list, str_list, tp_mesh  # noqa: E402
 
 WORDS = ("start", "end", "push", "stage", "finish", "other", "rows", "epoch")
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ranks", type=bench._int_list, default=[2])
-    p.add_argument("--M", type=bench._int_list, default=[1, 32, 128, 2048, 8192])
+    p.add_argument("--ranks", type=int_list, default=[2])
+    p.add_argument("--M", type=int_list, default=[1, 32, 128, 2048, 8192])
     p.add_argument("--H", type=int, default=7168)
-    p.add_argument("--quant", type=bench._str_list, default=["none"])
-    p.add_argument("--algorithms", type=bench._str_list, default=["oneshot", "twoshot"])
+    p.add_argument("--quant", type=str_list, default=["none"])
+    p.add_argument("--algorithms", type=str_list, default=["oneshot", "twoshot"])
     p.add_argument("--chain", type=int, default=40)
     p.add_argument("--samples", type=int, default=2)
     a = p.parse_args()
@@ -34,13 +37,13 @@ def main():
     print(f"{'N':>2} {'quant':<14} {'M':>5} {'algo':<8} {'dev':>3} {'total':>8} {'push':>8} "
           f"{'stage':>8} {'finish':>8} {'other':>8} {'rows':>5}   (µs, block 0, last call)")
     for n in a.ranks:
-        mesh = bench.tp_mesh(gpus[:n])
+        mesh = tp_mesh(gpus[:n])
         for m in a.M:
-            inp = bench.make_inputs(mesh, n, m, a.H, 8, 256, bench.dtype_of("bf16"), 0)
-            args = tuple(inp[k] for k in bench.IN_SPEC_NAMES)
+            inp = make_inputs(mesh, n, m, a.H, 8, 256, dtype_of("bf16"), 0)
+            args = tuple(inp[k] for k in IN_SPEC_NAMES)
             for q in a.quant:
                 for algo in a.algorithms:
-                    f = bench.chain_program(mesh, q, algo, a.chain, 20)
+                    f = chain_program(mesh, q, algo, a.chain, 20)
                     jax.block_until_ready(f(*args))
                     for _ in range(a.samples):
                         before = _native.read_traces()

@@ -48,7 +48,8 @@ def test_native_constants_match_this_independent_copy():
         fp4_swizzled=FP4_SWIZZLED, dense=DENSE)
     assert dict(c["algorithms"]) == ALGORITHM_CODES
     assert dict(c["limits"]) == LIMITS
-    assert dict(c["targets"]) == dict(fused=FUSED, cpu_finalize=CPU_FINALIZE, cpu_tail=CPU_TAIL)
+    assert dict(c["targets"]) == dict(fused=FUSED, cpu_finalize=CPU_FINALIZE, cpu_tail=CPU_TAIL,
+                                      noop="jax_moe_ar_noop_v1")
 
 
 def expected_flags(*, dense, scales, shared, outputs, quant):

@@ -51,7 +51,8 @@ namespace mar {
 #define MAR_TARGETS(X)                                       \
   X(kTargetFused, fused, "jax_moe_ar_fused_v1")              \
   X(kTargetCpuFinalize, cpu_finalize, "jax_moe_ar_cpu_finalize_v1") \
-  X(kTargetCpuTail, cpu_tail, "jax_moe_ar_cpu_tail_v1")
+  X(kTargetCpuTail, cpu_tail, "jax_moe_ar_cpu_tail_v1")           \
+  X(kTargetNoop, noop, "jax_moe_ar_noop_v1") /* the bench's no-op: XLA's own cost */
 
 #define MAR_ENUMERATOR(name, py, value) name = value,
 enum class QuantKind : int32_t { MAR_QUANT_KINDS(MAR_ENUMERATOR) };
