@@ -28,6 +28,7 @@ enum OpFlag : int32_t {
   kScaleCol = 1 << 6,      // per-group scales stored [H/gs, M]
   kFp4Swizzled = 1 << 7,   // NVFP4 scales in the 128x4 swizzled layout
   kDense = 1 << 8,         // allreduce_rmsnorm: the partial is x itself
+  kScatter = 1 << 9,       // reduce-scatter variant: residual and results are this rank's M/N rows
 };
 
 struct OpConfig {

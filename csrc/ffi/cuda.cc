@@ -14,6 +14,9 @@ namespace {
 ffi::Error Fused(cudaStream_t stream, int32_t device, ffi::RemainingArgs args,
                  ffi::RemainingRets rets, OpAttrs attrs) {
   const OpConfig c = to_config(attrs);
+  if (c.has(kScatter))  // jax_moe_ar/primitives.py FUSED_SCATTER_KERNEL keeps this unreachable
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "jax_moe_ar_fused_v1: the reduce-scatter kernel is not built yet");
   if (attrs.workspace == 0) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "jax_moe_ar_fused_v1: this program was lowered without CUDA devices "
