@@ -575,6 +575,27 @@ def test_cpu_lowering_finalize_all_to_all_tail(mc, dense):
 
 # ------------------------------------------------------------------- README and demo
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def readme_example(heading):
+    """The first ```python block of the README section `heading`."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_runs_as_written(capsys):
+    ns = {"__name__": "readme_example"}
+    exec(compile(readme_example("Reduce-scatter layer ends"), "README.md", "exec"), ns)
+    N, M, H = ns["N"], ns["M"], ns["H"]
+    assert N == jax.device_count() and M == 4 * N
+    assert ns["residual"].shape == (M, H) and ns["residual"].dtype == jnp.bfloat16
+    assert ns["codes"].shape == (M, H) and ns["codes"].dtype == jnp.float8_e4m3fn
+    assert ns["scale"].shape == (M, 1) and ns["residual"].sharding.spec == PS("tp")
+    assert capsys.readouterr().out.strip() == f"({M}, {H}) float8_e4m3fn ({M}, 1)"
+
+
 def test_demo_scatter_runs_and_agrees(capsys):
     """`python -m jax_moe_ar demo --scatter` (in process, on 2 of the CPU devices)."""
     from jax_moe_ar import demo
