@@ -17,6 +17,12 @@ device (one mesh axis ``"tp"``, the tensor/expert-parallel group). Per step:
 The fused outputs feed the next step (new residual; the normed activations are the next
 layer's input). Each step prints how far fused and xla are apart and how long each layer
 step takes. Exit status 0 when they agree within tolerance (bf16: relative error < 2e-2).
+
+With ``--scatter`` it runs a sequence-parallel layer end instead: the residual stream and
+the layer input stay token-sharded (M/N tokens per rank), the input is all-gathered for
+the experts, and ``mar.moe_finalize_reduce_scatter`` hands each rank back its own tokens;
+checked against ``algorithm="xla"`` (``lax.psum_scatter``) and, row for row, against the
+all-reduce op on the same inputs.
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=5,
                         help="timed runs per step and path (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scatter", action="store_true",
+                        help="run a sequence-parallel layer end instead: the residual stream "
+                             "stays token-sharded (M/N tokens per rank) and "
+                             "moe_finalize_reduce_scatter returns each rank its own M/N tokens; "
+                             "checked against algorithm='xla' (lax.psum_scatter)")
     add_platform_argument(parser)
 
 
@@ -81,13 +92,12 @@ def _init_params(key, N, H, E, F, Fs, dtype):
     )
 
 
-def _layer(x, residual, w_router, w1, w2, ws1, ws2, norm_weight, *, K, rsf, algorithm):
-    """One MoE layer tail on one rank (inside shard_map); returns the op's outputs."""
+def _moe_partials(x, w_router, w1, w2, ws1, ws2, *, K):
+    """Steps 1-3 on one rank (inside shard_map) for the tokens x [M, H]: (expert_out,
+    permuted_idx, expert scales, shared-expert partial), this rank's partial of the layer."""
     import jax
     import jax.numpy as jnp
     from jax import lax
-
-    import jax_moe_ar as mar
 
     M, H = x.shape
     e_local = w1.shape[0]
@@ -116,12 +126,65 @@ def _layer(x, residual, w_router, w1, w2, ws1, ws2, norm_weight, *, K, rsf, algo
     # 3. shared expert: this rank's slice of the intermediate dim -> a partial sum.
     hs = jax.nn.silu(jnp.dot(x, ws1, preferred_element_type=f32)).astype(T)
     shared = jnp.dot(hs, ws2, preferred_element_type=f32).astype(T)
+    return expert_out, permuted_idx, scales, shared
 
+
+def _layer(x, residual, w_router, w1, w2, ws1, ws2, norm_weight, *, K, rsf, algorithm):
+    """One MoE layer tail on one rank (inside shard_map); returns the op's outputs."""
+    import jax_moe_ar as mar
+
+    expert_out, permuted_idx, scales, shared = _moe_partials(x, w_router, w1, w2, ws1, ws2,
+                                                             K=K)
     # 4. finalize + all-reduce + residual + RMSNorm + FP8 per-token quant.
     return mar.moe_finalize_allreduce(
         expert_out, permuted_idx, residual, norm_weight, axis_name="tp",
         expert_scales=scales, shared_expert_out=shared, routed_scaling_factor=rsf,
         quant=mar.Fp8PerToken(), outputs=("residual", "norm", "quant"), algorithm=algorithm)
+
+
+def _devices_or_none(args):
+    """(platform, devices) for the demo's flags, or (platform, None) after printing why the
+    sizes do not fit the device count."""
+    platform, devs = select_devices(args.platform)
+    if args.devices:
+        if args.devices > len(devs):
+            print(f"error: --devices {args.devices} but only {len(devs)} {platform} devices",
+                  file=sys.stderr)
+            return platform, None
+        devs = devs[:args.devices]
+    N = len(devs)
+    M, H, E, K = args.tokens, args.hidden, args.experts, args.topk
+    problems = []
+    if E % N:
+        problems.append(f"--experts {E} must be a multiple of the device count {N}")
+    if K > E:
+        problems.append(f"--topk {K} must be <= --experts {E}")
+    if args.shared_ffn % N:
+        problems.append(f"--shared-ffn {args.shared_ffn} must be a multiple of {N}")
+    if H % 16:
+        problems.append(f"--hidden {H} must be a multiple of 16")
+    if getattr(args, "scatter", False) and M % N:
+        problems.append(f"--tokens {M} must be a multiple of the device count {N} with "
+                        "--scatter (each rank owns M/N tokens)")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return platform, None
+    return platform, devs
+
+
+def _weights(args, mesh, N, T):
+    """(partition specs, names, device-placed weights) of the layer."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    params = _init_params(jax.random.key(args.seed), N, args.hidden, args.experts, args.ffn,
+                          args.shared_ffn, T)
+    specs = dict(w_router=P(), w1=P("tp"), w2=P("tp"), ws1=P(None, "tp"), ws2=P("tp", None),
+                 norm_weight=P())
+    names = ("w_router", "w1", "w2", "ws1", "ws2", "norm_weight")
+    return specs, names, [jax.device_put(params[n], NamedSharding(mesh, specs[n]))
+                          for n in names]
 
 
 def _compare(a, b):
@@ -161,27 +224,13 @@ def main(args) -> int:
 
     import jax_moe_ar as mar
 
-    platform, devs = select_devices(args.platform)
-    if args.devices:
-        if args.devices > len(devs):
-            print(f"error: --devices {args.devices} but only {len(devs)} {platform} devices",
-                  file=sys.stderr)
-            return 2
-        devs = devs[:args.devices]
+    if getattr(args, "scatter", False):
+        return scatter_main(args)
+    platform, devs = _devices_or_none(args)
+    if devs is None:
+        return 2
     N = len(devs)
     M, H, E, K = args.tokens, args.hidden, args.experts, args.topk
-    problems = []
-    if E % N:
-        problems.append(f"--experts {E} must be a multiple of the device count {N}")
-    if K > E:
-        problems.append(f"--topk {K} must be <= --experts {E}")
-    if args.shared_ffn % N:
-        problems.append(f"--shared-ffn {args.shared_ffn} must be a multiple of {N}")
-    if H % 16:
-        problems.append(f"--hidden {H} must be a multiple of 16")
-    if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
-        return 2
     T = dtype_of(args.dtype)
     tol = TOLERANCE[args.dtype]
 
@@ -192,11 +241,7 @@ def main(args) -> int:
           f"dtype={args.dtype}, routed_scaling_factor={args.routed_scaling_factor}, "
           f"quant=Fp8PerToken, outputs=(residual, norm, quant)")
 
-    params = _init_params(jax.random.key(args.seed), N, H, E, args.ffn, args.shared_ffn, T)
-    specs = dict(w_router=P(), w1=P("tp"), w2=P("tp"), ws1=P(None, "tp"), ws2=P("tp", None),
-                 norm_weight=P())
-    names = ("w_router", "w1", "w2", "ws1", "ws2", "norm_weight")
-    weights = [jax.device_put(params[n], NamedSharding(mesh, specs[n])) for n in names]
+    specs, names, weights = _weights(args, mesh, N, T)
     kx, kr = jax.random.split(jax.random.key(args.seed + 1))
     rep = NamedSharding(mesh, P())
     x = jax.device_put(jax.random.normal(kx, (M, H), jnp.float32).astype(T), rep)
@@ -260,3 +305,132 @@ def main(args) -> int:
     print("FAIL: fused and xla disagree beyond tolerance (see the marked steps).")
     return 1
 
+
+
+# ----------------------------------------------- --scatter: a sequence-parallel layer end
+
+_SCATTER_PATHS = {
+    "cuda-fused": "fused CUDA kernel",
+    "cpu-ffi": "CPU FFI path (finalize FFI -> all_to_all -> reduce/norm/quant FFI on this "
+               "rank's rows)",
+    "xla": "plain XLA ops + lax.psum_scatter (on CUDA the fused reduce-scatter kernel is "
+           "pending)",
+}
+
+
+def _scatter_layer(x_local, residual_local, w_router, w1, w2, ws1, ws2, norm_weight, *, K,
+                   rsf, algorithm):
+    """A sequence-parallel MoE layer end on one rank: the residual stream and the layer's
+    input stay token-sharded ([M/N, H] here); the experts need every token, so the input
+    is all-gathered, and the reduce-scatter hands each rank back only its M/N tokens."""
+    from jax import lax
+
+    import jax_moe_ar as mar
+
+    x = lax.all_gather(x_local, "tp", tiled=True)                    # [M, H]
+    expert_out, permuted_idx, scales, shared = _moe_partials(x, w_router, w1, w2, ws1, ws2,
+                                                             K=K)
+    return mar.moe_finalize_reduce_scatter(
+        expert_out, permuted_idx, residual_local, norm_weight, axis_name="tp",
+        expert_scales=scales, shared_expert_out=shared, routed_scaling_factor=rsf,
+        quant=mar.Fp8PerToken(), outputs=("residual", "norm", "quant"), algorithm=algorithm)
+
+
+def scatter_main(args) -> int:
+    """`demo --scatter`: the sequence-parallel layer end with the reduce-scatter variant,
+    against algorithm="xla" (lax.psum_scatter); each step also reports how many values
+    equal, bit for bit, the all-reduce op's rows on the same inputs."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_moe_ar as mar
+
+    platform, devs = _devices_or_none(args)
+    if devs is None:
+        return 2
+    N = len(devs)
+    M, H, E, K = args.tokens, args.hidden, args.experts, args.topk
+    T = dtype_of(args.dtype)
+    tol = TOLERANCE[args.dtype]
+    mesh = tp_mesh(devs)
+    print(f"jax_moe_ar demo --scatter — jax {jax.__version__}, running on "
+          f"{device_summary(platform, devs)}, group of {N} ranks along mesh axis 'tp'")
+    print(f"sequence-parallel MoE layer end: M={M} tokens, {M // N} per rank (residual stream "
+          f"and layer input token-sharded, P('tp')), H={H}, E={E} experts ({E // N} per "
+          f"rank), K={K}, dtype={args.dtype}, quant=Fp8PerToken, outputs=(residual, norm, "
+          "quant); the input is all-gathered, moe_finalize_reduce_scatter returns each rank "
+          "its own tokens")
+    specs, names, weights = _weights(args, mesh, N, T)
+    w_specs = tuple(specs[n] for n in names)
+    kx, kr = jax.random.split(jax.random.key(args.seed + 1))
+    tok = NamedSharding(mesh, P("tp"))
+    x = jax.device_put(jax.random.normal(kx, (M, H), jnp.float32).astype(T), tok)
+    residual = jax.device_put(jax.random.normal(kr, (M, H), jnp.float32).astype(T), tok)
+    kw = dict(K=K, rsf=args.routed_scaling_factor)
+
+    def scatter_program(algorithm):
+        def body(x, residual, *w):
+            return tuple(_scatter_layer(x, residual, *w, algorithm=algorithm, **kw))
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P("tp")) + w_specs,
+                                     out_specs=P("tp"), check_vma=True))
+
+    def allreduce_program():
+        # The same layer with the all-reduce op: every rank gets all M tokens.
+        def body(x, residual, *w):
+            from jax import lax
+            full = lax.all_gather(x, "tp", tiled=True)
+            res = lax.all_gather(residual, "tp", tiled=True)
+            return tuple(_layer(full, res, *w, algorithm="auto", **kw))
+        # all_gather results are typed varying; the op's outputs are equal on every rank
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P("tp")) + w_specs,
+                                     out_specs=P(), check_vma=False))
+
+    t0 = time.perf_counter()
+    args_now = (x, residual, *weights)
+    compiled = {a: scatter_program(a).lower(*args_now).compile() for a in ("auto", "xla")}
+    allreduce = allreduce_program()
+    what = _SCATTER_PATHS[compiled_path(compiled["auto"].as_text())]
+    print(f"compiled in {time.perf_counter() - t0:.1f} s; reduce-scatter path: {what}")
+
+    quant = mar.Fp8PerToken()
+    ok = True
+    walls = {"auto": [], "xla": []}
+    print(f"\ntolerance: max|auto - xla| / max|xla| < {tol:g} for residual and norm, "
+          f"< {QUANT_TOLERANCE:g} for dequantized FP8; 'rows vs all-reduce op': values equal "
+          "bit for bit to moe_finalize_allreduce's rows on the same inputs (100% on the exact "
+          f"paths: CPU, fused kernel); times are medians of {args.reps} runs")
+    for step in range(args.steps):
+        args_now = (x, residual, *weights)
+        outs = {a: mar.FusedOutputs(*compiled[a](*args_now)) for a in ("auto", "xla")}
+        full = mar.FusedOutputs(*allreduce(*args_now))
+        mar.check_errors()
+        f, r = outs["auto"], outs["xla"]
+        assert f.residual.shape == (M, H) and f.residual.sharding.spec == P("tp")
+        res_abs, res_rel, _ = _compare(f.residual, r.residual)
+        nrm_abs, nrm_rel, _ = _compare(f.norm, r.norm)
+        _, q_rel, _ = _compare(mar.dequantize(f, quant), mar.dequantize(r, quant))
+        rows_id = min(_compare(f.residual, full.residual)[2], _compare(f.norm, full.norm)[2],
+                      _compare(f.quant, full.quant)[2])
+        for a in ("auto", "xla"):
+            walls[a].append(_time(compiled[a], args_now, args.reps))
+        step_ok = res_rel < tol and nrm_rel < tol and q_rel < QUANT_TOLERANCE
+        ok &= step_ok
+        print(f"step {step}: residual max|d|={res_abs:.3g} rel={res_rel:.2e} | norm "
+              f"max|d|={nrm_abs:.3g} rel={nrm_rel:.2e} | dequant rel={q_rel:.2e} | rows vs "
+              f"all-reduce op: {100 * rows_id:.2f}% bit-identical | wall/step auto "
+              f"{1e3 * walls['auto'][-1]:.3f} ms, xla {1e3 * walls['xla'][-1]:.3f} ms"
+              + ("" if step_ok else "  <-- OUT OF TOLERANCE"))
+        x, residual = f.norm, f.residual  # still token-sharded: the next layer's input
+    am, xm = statistics.median(walls["auto"]), statistics.median(walls["xla"])
+    print(f"\nmedian wall time per layer step: auto {1e3 * am:.3f} ms, xla {1e3 * xm:.3f} ms "
+          f"on {device_summary(platform, devs)}")
+    if platform == "cpu":
+        print("note: CPU timings (forced host devices) say nothing about GPU performance.")
+    if ok:
+        print("OK: reduce-scatter (auto) and xla agree within tolerance at every step.")
+        return 0
+    print("FAIL: reduce-scatter (auto) and xla disagree beyond tolerance (see the marked "
+          "steps).")
+    return 1

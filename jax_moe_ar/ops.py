@@ -200,3 +200,133 @@ def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_wei
         has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
         norm_weight_offset=offset, algorithm=algorithm)
     return primitives.bind(cfg, [x, residual, norm_weight], scale_operand(quant))
+
+
+# ---- reduce-scatter variants (SPEC §2.1) ------------------------------------------------
+
+def _moe_operands(expert_out, permuted_idx, expert_scales, shared_expert_out):
+    """(T, M, H) of the MoE partial's operands, checked per SPEC §4."""
+    T = _float_dtype("expert_out", expert_out)
+    if expert_out.ndim != 2:
+        _fail("expert_out", f"must be 2-D [P, H], got shape {tuple(expert_out.shape)}")
+    if permuted_idx.ndim != 2:
+        _fail("permuted_idx", f"must be 2-D [M, K], got shape {tuple(permuted_idx.shape)}")
+    if jnp.dtype(permuted_idx.dtype) != jnp.int32:
+        _fail("permuted_idx", f"must be int32, got {permuted_idx.dtype}", TypeError)
+    (M, K), H = permuted_idx.shape, expert_out.shape[1]
+    if expert_scales is not None:
+        _float_dtype("expert_scales", expert_scales, (jnp.dtype(jnp.float32), T))
+        _shape("expert_scales", expert_scales, (M, K), "[M, K]")
+    if shared_expert_out is not None:
+        if jnp.dtype(shared_expert_out.dtype) != T:
+            _fail("shared_expert_out", f"must have the activation dtype {T}, got "
+                  f"{shared_expert_out.dtype}", TypeError)
+        _shape("shared_expert_out", shared_expert_out, (M, H), "[M, H]")
+    return T, M, H
+
+
+def _scatter_rows(arg, M, H, residual, axis_name):
+    """M/N, the rows each rank of the N-rank group owns; refuses M not divisible by N and
+    a residual that is not this rank's [M/N, H] block."""
+    axes = _axes(axis_name)
+    n = 1
+    for a in axes:
+        n *= lax.axis_size(a)
+    if M % n:
+        group = "+".join(repr(a) for a in axes)
+        _fail(arg, f"holds M={M} tokens, which the group of N={n} ranks along {group} cannot "
+              "split evenly: the reduce-scatter variants give rank r the tokens "
+              f"[r*M/N, (r+1)*M/N), so M must be a multiple of N={n}")
+    _shape("residual", residual, (M // n, H), f"[M/N, H] (this rank's block of the M={M} "
+           f"tokens; N={n})")
+    return M // n
+
+
+def _empty_varying(rows, H, T, quant, outs, axes, operands):
+    """M = 0: empty outputs, typed varying along the group like psum_scatter results."""
+    import jax
+    varying = set(axes)
+    for x in operands:
+        if x is not None:
+            varying |= primitives._varying(jax.typeof(x))
+    varying = tuple(sorted(varying))
+
+    def cast(x):
+        if x is None:
+            return None
+        return lax.pcast(x, varying, to="varying") if hasattr(lax, "pcast") else \
+            lax.pvary(x, varying)
+    return FusedOutputs(*(cast(x) for x in _empty(rows, H, T, quant, outs)))
+
+
+def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight, *, axis_name,
+                                expert_scales=None, shared_expert_out=None,
+                                routed_scaling_factor=1.0, eps=1e-6, norm_weight_offset=0.0,
+                                quant=None, outputs=None, algorithm="auto") -> FusedOutputs:
+    """Finalize this rank's MoE expert rows (``permuted_idx`` [M, K] covers all M tokens),
+    reduce-scatter over ``axis_name``, add this rank's residual rows, RMSNorm and
+    (optionally) quantize — SPEC §2.1. Same keywords as ``moe_finalize_allreduce``; call
+    inside ``jax.shard_map``.
+
+    Rank r of the N-rank group along ``axis_name`` gets the tokens [r*M/N, (r+1)*M/N)
+    (the ``lax.psum_scatter(..., scatter_dimension=0, tiled=True)`` convention; for a tuple
+    of axes, r is ``lax.axis_index(axis_name)``). ``residual`` is this rank's block
+    [M/N, H]; every output has M/N rows (NVFP4 swizzled scales: [roundup(M/N, 128),
+    roundup(H/16, 4)]) and is typed varying along ``axis_name`` (``out_specs=P(axis)``).
+    Each row equals, bit for bit, the matching row of ``moe_finalize_allreduce`` on the
+    same inputs. M must be a multiple of N.
+
+    On CUDA the fused reduce-scatter kernel is pending: ``algorithm="auto"`` runs the
+    ``lax.psum_scatter`` composition (``"xla"``: within SPEC §3's tolerance, not exact) and
+    ``"oneshot"``/``"twoshot"`` raise. The CPU path is exact.
+    """
+    T, M, H = _moe_operands(expert_out, permuted_idx, expert_scales, shared_expert_out)
+    rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
+    rows = _scatter_rows("permuted_idx", M, H, residual, axis_name)
+    outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
+                                      algorithm, axis_name, eps, norm_weight_offset)
+    if M == 0:
+        return _empty_varying(0, H, T, quant, outs, axes,
+                              (expert_out, permuted_idx, residual, expert_scales,
+                               shared_expert_out))
+    if _use_xla(algorithm):
+        return reference.moe_finalize_reduce_scatter(
+            expert_out, permuted_idx, residual, norm_weight, axis_name=axes,
+            expert_scales=expert_scales, shared_expert_out=shared_expert_out,
+            routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, quant=quant,
+            outputs=outs)
+    cfg = primitives.OpConfig(
+        dense=False, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
+        has_scales=expert_scales is not None, has_shared=shared_expert_out is not None,
+        routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm,
+        scatter=True)
+    operands = [expert_out, permuted_idx, residual, norm_weight]
+    operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
+    return primitives.bind(cfg, operands, scale_operand(quant))
+
+
+def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
+                           norm_weight_offset=0.0, quant=None, outputs=None,
+                           algorithm="auto") -> FusedOutputs:
+    """Dense variant: reduce-scatter this rank's partial ``x`` [M, H] over ``axis_name``,
+    add this rank's residual rows [M/N, H], RMSNorm and (optionally) quantize — SPEC §2.1.
+    Same keywords as ``allreduce_rmsnorm``; rows, typing and the CUDA path as in
+    ``moe_finalize_reduce_scatter``. Call inside ``jax.shard_map``."""
+    T = _float_dtype("x", x)
+    if x.ndim != 2:
+        _fail("x", f"must be 2-D [M, H], got shape {tuple(x.shape)}")
+    M, H = x.shape
+    rows = _scatter_rows("x", M, H, residual, axis_name)
+    outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
+                                      algorithm, axis_name, eps, norm_weight_offset)
+    if M == 0:
+        return _empty_varying(0, H, T, quant, outs, axes, (x, residual))
+    if _use_xla(algorithm):
+        return reference.reduce_scatter_rmsnorm(x, residual, norm_weight, axis_name=axes,
+                                                eps=eps, norm_weight_offset=offset,
+                                                quant=quant, outputs=outs)
+    cfg = primitives.OpConfig(
+        dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
+        has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
+        norm_weight_offset=offset, algorithm=algorithm, scatter=True)
+    return primitives.bind(cfg, [x, residual, norm_weight], scale_operand(quant))

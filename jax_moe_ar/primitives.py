@@ -1,12 +1,14 @@
 """The JAX primitive: abstract evaluation and the CPU, CUDA and default lowerings.
 
-One primitive serves both public functions. Its operands are, in order,
+One primitive serves the four public functions (all-reduce and, with `scatter`,
+the reduce-scatter variants of SPEC §2.1). Its operands are, in order,
 ``partial`` (expert_out [P,H] or the dense x [M,H]), ``permuted_idx`` (MoE
 only), ``residual``, ``norm_weight``, then ``expert_scales`` and
 ``shared_expert_out`` when present (MoE only), then the quant scale operand
 when the quant kind takes one. Its results are residual, norm, quant, scale —
-each only when asked for. The native handlers decode the same order
-(csrc/ffi/attrs.h).
+each only when asked for; with `scatter` they hold this rank's M/N rows, as does
+the residual operand, while the partial's operands keep all M tokens. The native
+handlers decode the same order (csrc/ffi/attrs.h).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class OpConfig:
     eps: float
     norm_weight_offset: float
     algorithm: str
+    scatter: bool = False  # SPEC §2.1: reduce-scatter, rank r keeps rows [r*M/N, (r+1)*M/N)
 
     @property
     def flags(self) -> int:
@@ -55,7 +58,7 @@ class OpConfig:
                   out_residual="residual" in self.outputs, out_norm="norm" in self.outputs,
                   dense=self.dense, out_quant=q is not None,
                   ue8m0=q is not None and q.ue8m0, scale_col=q is not None and q.scale_col,
-                  fp4_swizzled=q is not None and q.fp4_swizzled)
+                  fp4_swizzled=q is not None and q.fp4_swizzled, scatter=self.scatter)
         return sum(OP_FLAGS[name] for name, bit in on.items() if bit)
 
     def attributes(self, workspace_id: int = 0, algorithm_code: int = 0) -> dict:
@@ -140,6 +143,8 @@ def _abstract_eval(*avals, cfg: OpConfig):
     kept = [named[k] for k in replicated if named[k] is not None]
     varying = ((frozenset().union(*(_varying(a) for a in reduced)) - axes)
                | frozenset().union(*(_varying(a) for a in kept)))
+    if cfg.scatter:  # like psum_scatter: each rank holds other rows
+        varying |= axes
     outs = [_with_varying(res, s, d, varying) for s, d in cfg.result_types(M, H, res.dtype)]
     return outs, {_core.NamedAxisEffect(a) for a in cfg.axes}
 
@@ -179,9 +184,13 @@ def _xla_impl(*args, cfg: OpConfig):
     common = dict(axis_name=cfg.axes, eps=cfg.eps, norm_weight_offset=cfg.norm_weight_offset,
                   quant=quant, outputs=cfg.outputs)
     if cfg.dense:
-        out = reference.allreduce_rmsnorm(a["partial"], a["residual"], a["norm_weight"], **common)
+        dense = (reference.reduce_scatter_rmsnorm if cfg.scatter
+                 else reference.allreduce_rmsnorm)
+        out = dense(a["partial"], a["residual"], a["norm_weight"], **common)
     else:
-        out = reference.moe_finalize_allreduce(
+        moe = (reference.moe_finalize_reduce_scatter if cfg.scatter
+               else reference.moe_finalize_allreduce)
+        out = moe(
             a["partial"], a["permuted_idx"], a["residual"], a["norm_weight"],
             expert_scales=a["expert_scales"], shared_expert_out=a["shared_expert_out"],
             routed_scaling_factor=cfg.routed_scaling_factor, **common)
@@ -192,19 +201,27 @@ _xla_lowering = mlir.lower_fun(_xla_impl, multiple_results=True)
 
 
 # ---- CPU: local finalize (FFI) -> all_gather -> rank-ordered tail (FFI) -----------------
+# (reduce-scatter: all_to_all instead of all_gather, and the tail runs on this rank's rows)
 
 def _cpu_impl(*args, cfg: OpConfig):
     a = split_operands(cfg, args)
     residual = a["residual"]
-    (M, H), T = residual.shape, residual.dtype
+    (M, H), T = residual.shape, residual.dtype  # M/N rows with scatter
     attrs = cfg.attributes()
     if cfg.dense:
         wire = a["partial"]
     else:
         extra = [x for x in (a["expert_scales"], a["shared_expert_out"]) if x is not None]
-        wire = jax.ffi.ffi_call(TARGET_CPU_FINALIZE, jax.ShapeDtypeStruct((M, H), T))(
+        tokens = a["permuted_idx"].shape[0]
+        wire = jax.ffi.ffi_call(TARGET_CPU_FINALIZE, jax.ShapeDtypeStruct((tokens, H), T))(
             a["partial"], a["permuted_idx"], *extra, **attrs)
-    gathered = lax.all_gather(wire, cfg.axes)  # [N, M, H] in rank order
+    if cfg.scatter:
+        # [N, M/N, H] -> [N, M/N, H]: entry j is rank j's wire rows of this rank's block,
+        # in rank order (the order of lax.axis_index over cfg.axes).
+        n = wire.shape[0] // M
+        gathered = lax.all_to_all(wire.reshape(n, M, H), cfg.axes, 0, 0)
+    else:
+        gathered = lax.all_gather(wire, cfg.axes)  # [N, M, H] in rank order
     tail_in = [gathered, residual, a["norm_weight"]]
     if a["quant_scale"] is not None:
         tail_in.append(a["quant_scale"])
@@ -219,10 +236,27 @@ _cpu_lowering = mlir.lower_fun(_cpu_impl, multiple_results=True)
 
 _warned: set[str] = set()
 
+# The fused kernel has no reduce-scatter mode yet (csrc/ffi/cuda.cc refuses the SCATTER
+# flag). Until it has, the CUDA lowering serves the reduce-scatter variants with the
+# plain-JAX psum_scatter composition under "auto" (silently: that is the documented
+# path, not a fallback) and refuses "oneshot"/"twoshot". The switch that turns the
+# fused path on once the kernel lands.
+FUSED_SCATTER_KERNEL = False
+
 
 def _cuda_lowering(ctx, *args, cfg: OpConfig):
+    if cfg.scatter and not FUSED_SCATTER_KERNEL:
+        if cfg.algorithm != "auto":
+            raise RuntimeError(
+                f"jax_moe_ar: algorithm={cfg.algorithm!r}: the fused reduce-scatter kernel is "
+                "not built yet, so the reduce-scatter variants run on CUDA only as the "
+                "lax.psum_scatter composition. Use algorithm='auto' or 'xla'.")
+        return _xla_lowering(ctx, *args, cfg=cfg)
     res = _residual_aval(cfg, ctx.avals_in)
-    (M, H), T = res.shape, jnp.dtype(res.dtype)
+    H, T = res.shape[1], jnp.dtype(res.dtype)
+    # Rows of the partial: every token (M), also for a reduce-scatter, whose residual
+    # and results hold only this rank's M/N.
+    M = ctx.avals_in[0 if cfg.dense else 1].shape[0]
     largest = max(int(np.prod(a.shape)) for a in ctx.avals_in)
     plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm,
                           largest)

@@ -1,7 +1,7 @@
 """The op in plain JAX with ``lax.psum``: the ``"xla"`` algorithm and the fallback.
 
 This is what a user would write without jax_moe_ar: several XLA ops and an
-all-reduce. It follows SPEC §3's formulas but leaves rounding order to XLA
+all-reduce (``lax.psum_scatter`` for the reduce-scatter variants of SPEC §2.1). It follows SPEC §3's formulas but leaves rounding order to XLA
 (and psums the wire in T), so it agrees with the oracle within tolerance, not
 bit for bit. Same signatures and outputs as the public functions.
 """
@@ -79,9 +79,15 @@ def quantize(q, quant):
     raise TypeError(f"unknown quant spec {quant!r}")
 
 
-def _tail(wire, residual, norm_weight, *, axis_name, eps, norm_weight_offset, quant, outputs):
+def _psum_scatter(wire, axis_name):
+    """Rank r's block of rows [r*M/N, (r+1)*M/N) of the group's sum (SPEC §2.1)."""
+    return lax.psum_scatter(wire, axis_name, scatter_dimension=0, tiled=True)
+
+
+def _tail(wire, residual, norm_weight, *, axis_name, eps, norm_weight_offset, quant, outputs,
+          reduce=lax.psum):
     T = residual.dtype
-    y = lax.psum(wire, axis_name).astype(_F32)
+    y = reduce(wire, axis_name).astype(_F32)
     res = (y + residual.astype(_F32)).astype(T)
     r = res.astype(_F32)
     inv = 1.0 / jnp.sqrt(jnp.mean(r * r, axis=1, keepdims=True) + jnp.float32(eps))
@@ -117,3 +123,24 @@ def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_wei
     return _tail(x, residual, norm_weight, axis_name=axis_name, eps=eps,
                  norm_weight_offset=norm_weight_offset, quant=quant,
                  outputs=_default_outputs(quant, outputs))
+
+
+def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight, *, axis_name,
+                                expert_scales=None, shared_expert_out=None,
+                                routed_scaling_factor=1.0, eps=1e-6, norm_weight_offset=0.0,
+                                quant=None, outputs=None):
+    """Plain-JAX composition of SPEC §2.1's moe_finalize_reduce_scatter (no input checks):
+    `residual` and every output are this rank's M/N rows."""
+    wire = finalize(expert_out, permuted_idx, expert_scales, shared_expert_out,
+                    routed_scaling_factor)
+    return _tail(wire, residual, norm_weight, axis_name=axis_name, eps=eps,
+                 norm_weight_offset=norm_weight_offset, quant=quant,
+                 outputs=_default_outputs(quant, outputs), reduce=_psum_scatter)
+
+
+def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
+                           norm_weight_offset=0.0, quant=None, outputs=None):
+    """Plain-JAX composition of SPEC §2.1's reduce_scatter_rmsnorm (no input checks)."""
+    return _tail(x, residual, norm_weight, axis_name=axis_name, eps=eps,
+                 norm_weight_offset=norm_weight_offset, quant=quant,
+                 outputs=_default_outputs(quant, outputs), reduce=_psum_scatter)

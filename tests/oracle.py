@@ -360,7 +360,47 @@ def allreduce_rmsnorm(xs, residual, norm_weight, *, eps=1e-6, norm_weight_offset
     return _pipeline(wires, residual, norm_weight, eps, norm_weight_offset, quant)
 
 
+# ------------------------------------------------- reduce-scatter variants (SPEC §2.1)
+
+def _owned_rows(wires, r):
+    """Rank r's block of every rank's wire: rows [r*M/N, (r+1)*M/N), in rank order."""
+    N, M = len(wires), np.asarray(wires[0]).shape[0]
+    if M % N:
+        raise ValueError(f"M={M} tokens is not a multiple of the group size N={N}")
+    b = M // N
+    return [np.asarray(w)[r * b:(r + 1) * b] for w in wires]
+
+
+def _scatter_pipeline(wires, residuals, norm_weight, eps, norm_weight_offset, quant):
+    if len(residuals) != len(wires):
+        raise ValueError(f"{len(residuals)} residual blocks for {len(wires)} ranks")
+    return [_pipeline(_owned_rows(wires, r), residuals[r], norm_weight, eps, norm_weight_offset,
+                      quant) for r in range(len(wires))]
+
+
+def moe_finalize_reduce_scatter(per_rank, residuals, norm_weight, *, eps=1e-6,
+                                norm_weight_offset=0.0, routed_scaling_factor=1.0, quant=None):
+    """per_rank as for moe_finalize_allreduce (every rank's operands cover all M tokens);
+    residuals: list (rank order) of each rank's own [M/N, H] block of the residual stream.
+    Returns a list (rank order) of dicts residual, norm, quant, scale for that rank's M/N
+    tokens (NVFP4 swizzled scales padded per rank: [roundup(M/N,128), roundup(H/16,4)])."""
+    wires = [finalize_wire(d["expert_out"], d["permuted_idx"],
+                           expert_scales=d.get("expert_scales"),
+                           shared_expert_out=d.get("shared_expert_out"),
+                           routed_scaling_factor=routed_scaling_factor)
+             for d in per_rank]
+    return _scatter_pipeline(wires, residuals, norm_weight, eps, norm_weight_offset, quant)
+
+
+def reduce_scatter_rmsnorm(xs, residuals, norm_weight, *, eps=1e-6, norm_weight_offset=0.0,
+                           quant=None):
+    """dense variant of moe_finalize_reduce_scatter: wire_r = x_r itself."""
+    wires = [np.asarray(x) for x in xs]
+    return _scatter_pipeline(wires, residuals, norm_weight, eps, norm_weight_offset, quant)
+
+
 __all__ = [
     "finalize_wire", "reduce_norm", "quantize", "dequantize", "swizzled_offset",
-    "moe_finalize_allreduce", "allreduce_rmsnorm", "E2M1_TABLE", "QUANT_KINDS",
+    "moe_finalize_allreduce", "allreduce_rmsnorm", "moe_finalize_reduce_scatter",
+    "reduce_scatter_rmsnorm", "E2M1_TABLE", "QUANT_KINDS",
 ]

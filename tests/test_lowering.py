@@ -45,7 +45,7 @@ def test_native_constants_match_this_independent_copy():
     assert dict(c["op_flags"]) == dict(
         has_scales=HAS_SCALES, has_shared=HAS_SHARED, out_residual=OUT_RESIDUAL,
         out_norm=OUT_NORM, out_quant=OUT_QUANT, ue8m0=UE8M0, scale_col=SCALE_COL,
-        fp4_swizzled=FP4_SWIZZLED, dense=DENSE)
+        fp4_swizzled=FP4_SWIZZLED, dense=DENSE, scatter=512)
     assert dict(c["algorithms"]) == ALGORITHM_CODES
     assert dict(c["limits"]) == LIMITS
     assert dict(c["targets"]) == dict(fused=FUSED, cpu_finalize=CPU_FINALIZE, cpu_tail=CPU_TAIL,

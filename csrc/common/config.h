@@ -30,7 +30,8 @@ namespace mar {
   X(kUe8m0, ue8m0, 1 << 5)              /* per-group scales rounded up to 2^k */ \
   X(kScaleCol, scale_col, 1 << 6)       /* per-group scales stored [H/gs, M] */ \
   X(kFp4Swizzled, fp4_swizzled, 1 << 7) /* NVFP4 scales in the 128x4 layout */ \
-  X(kDense, dense, 1 << 8)              /* allreduce_rmsnorm: the partial is x */
+  X(kDense, dense, 1 << 8)              /* allreduce_rmsnorm: the partial is x */ \
+  X(kScatter, scatter, 1 << 9)          /* reduce-scatter: residual, results: this rank's M/N rows */
 
 // How the fused CUDA kernel exchanges partials (see kernels/fused.cu).
 //   kOneShot: every rank sends its whole partial to every rank; each reduces every row.
