@@ -4,27 +4,31 @@ Two calls per algorithm and quantizer on a group of two GPUs (one, on a machine 
 single GPU: both kernels still push, reduce and finish every row), odd M and H, every
 output and NVFP4 swizzled scales (the padding writes), FP8 codes made in the norm loop
 and from the staged row, then the oracle check. Prints "SANITIZE-CASE OK" at the end.
-Run from the repository root on a GPU machine:
-    compute-sanitizer --tool memcheck python scripts/sanitize_case.py
+Run from the repository root on a GPU machine (PYTHONPATH=tests: it uses the tests'
+case generator and oracle):
+    PYTHONPATH=tests compute-sanitizer --tool memcheck python scripts/sanitize_case.py
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax_moe_ar as mar
+from jax_moe_ar.testing import N1, N2
 
-import jax_moe_ar as mar  # noqa: E402
-from jax_moe_ar.testing import N1, N2  # noqa: E402
-
-from cases import BF16, Q, check_against_oracle, gen_case, run_case  # noqa: E402
+try:
+    from cases import ALGORITHMS, BF16, Q, check_against_oracle, gen_case, run_case
+except ModuleNotFoundError as e:
+    if e.name not in ("cases", "oracle"):
+        raise
+    sys.exit("sanitize_case.py uses the tests' helpers: run it from the repository root as "
+             "PYTHONPATH=tests python scripts/sanitize_case.py")
 
 mesh = N2 if len(jax.devices("gpu")) >= 2 else N1
 print(f"group of {mesh.group}")
 rng = np.random.default_rng(11)
-for algo in ("oneshot", "twoshot"):
+for algo in ALGORITHMS:
     for quant, outputs, H in ((Q.nvfp4(), ("residual", "norm", "quant"), 336),
                               (Q.fp8_per_group(64), ("quant",), 320),
                               (Q.fp8_per_group(48), ("norm", "quant"), 336),

@@ -1,6 +1,6 @@
 """Random cases for jax_moe_ar, a runner over a MeshCase, and SPEC §3's agreement check.
 
-Shared by the CPU tests and (later) the GPU tests: the platform ("cpu" / "gpu") and the
+Shared by the CPU tests and the GPU tests: the platform ("cpu" / "gpu") and the
 op's `algorithm` are parameters of the runner; nothing here assumes a platform.
 
     case = gen_case(rng, N4, dtype=BF16, M=7, H=64, quant=Q.nvfp4(600.0, "linear"))
@@ -22,13 +22,28 @@ import ml_dtypes
 import numpy as np
 
 import oracle
+from jax_moe_ar.testing import N1, N2, N4, MeshCase
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 DTYPES = (BF16, F16, F32)
+H_REAL = 7168  # DeepSeek-V3's hidden size
 OUTPUT_NAMES = ("residual", "norm", "quant")
+
+# What the tests range over, in one place (the meshes themselves: jax_moe_ar.testing).
+ALGORITHMS = ("oneshot", "twoshot")          # the fused kernel's; the `algorithm` fixture
+GPU_MESHES = (N1, N2, N4)                    # one group over 1, 2 and 4 GPUs
+SMALL_GPU_MESHES = (N1, N2)                  # for the wider parameter sweeps
+# Meshes beyond testing.MESH_CASES for the CPU path: the reduction axis major, three
+# axes, a tuple in the reverse of mesh order, a tuple of one name.
+EXTRA_MESHES = [
+    MeshCase((2, 2), ("tp", "dp"), "tp"),
+    MeshCase((2, 2, 2), ("dp", "x", "y"), ("x", "y")),
+    MeshCase((2, 4), ("x", "y"), ("y", "x")),
+    MeshCase((4,), ("tp",), ("tp",)),
+]
 
 INT32_MIN = -2 ** 31
 INT32_MAX = 2 ** 31 - 1
@@ -43,6 +58,12 @@ def require_gpus(n: int) -> None:
     have = len([d for d in jax.devices() if d.platform == "gpu"])
     if have < n:
         pytest.skip(f"needs {n} GPUs, have {have}")
+
+
+def mesh_id(mc: MeshCase) -> str:
+    """A mesh case's id with its reduction axes (n4_dp2_tp2_over_tp)."""
+    axis = "+".join(mc.axis) if isinstance(mc.axis, tuple) else mc.axis
+    return f"{mc.id}_over_{axis}"
 
 
 def dtype_id(dt) -> str:
@@ -577,6 +598,15 @@ def check_against_oracle(out: dict, case: Case, g: int = 0, ref: dict | None = N
     return ref
 
 
+def check_every_rank(case: Case, mesh_case, *, platform="cpu", algorithm="auto", **kw):
+    """Runs a one-group case returning each device's copy: all ranks bit-identical, and
+    exact against the oracle."""
+    per_rank = run_case(case, mesh_case, platform=platform, algorithm=algorithm,
+                        per_rank=True, **kw)[0]
+    assert_ranks_identical(per_rank)
+    check_against_oracle(per_rank[0], case)
+
+
 def assert_ranks_identical(per_rank: list, what="outputs"):
     """Every rank's outputs are bit-identical to rank 0's (NaN payloads included)."""
     first = per_rank[0]
@@ -589,9 +619,10 @@ def assert_ranks_identical(per_rank: list, what="outputs"):
 
 
 __all__ = [
-    "Q", "Case", "ALL_QUANTS", "DTYPES", "BF16", "F16", "F32", "E4M3", "gen_case",
-    "oracle_outputs", "build", "run_case", "check_against_oracle", "assert_same_bits",
-    "assert_norm_agrees", "assert_ranks_identical", "ulp_distance", "seed_for", "dtype_id",
-    "default_outputs", "random_indices", "special_values", "subnormal", "inject",
-    "device_layout",
+    "Q", "Case", "ALL_QUANTS", "DTYPES", "BF16", "F16", "F32", "E4M3", "H_REAL", "gen_case",
+    "oracle_outputs", "build", "run_case", "check_against_oracle", "check_every_rank",
+    "assert_same_bits", "assert_norm_agrees", "assert_ranks_identical", "ulp_distance",
+    "seed_for", "dtype_id", "mesh_id", "require_gpus", "default_outputs", "random_indices",
+    "special_values", "subnormal", "inject", "device_layout",
+    "ALGORITHMS", "GPU_MESHES", "SMALL_GPU_MESHES", "EXTRA_MESHES",
 ]

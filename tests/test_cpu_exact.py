@@ -9,32 +9,13 @@ from jax.sharding import PartitionSpec as PS
 
 import jax_moe_ar as mar
 import oracle
-from cases import (ALL_QUANTS, BF16, DTYPES, F16, F32, Q, assert_norm_agrees,
+from cases import (ALL_QUANTS, BF16, DTYPES, EXTRA_MESHES, F16, F32, Q, assert_norm_agrees,
                    assert_ranks_identical, assert_same_bits, bits, check_against_oracle,
-                   dtype_id, gen_case, oracle_outputs, run_case, seed_for, subnormal)
-from jax_moe_ar.testing import (MESH_CASES, N1, N2, N4, N4_DP2_TP2, N8, N8_TUPLE, MeshCase,
-                                make_mesh, sharded)
+                   dtype_id, gen_case, mesh_id, oracle_outputs, run_case, subnormal)
+from jax_moe_ar.testing import (MESH_CASES, N1, N2, N4, N4_DP2_TP2, N8, N8_TUPLE, make_mesh,
+                                sharded)
 
 PLATFORM = "cpu"
-
-# Meshes beyond testing.MESH_CASES: the reduction axis major, three axes, a tuple in the
-# reverse of mesh order, a tuple of one name.
-EXTRA_MESHES = [
-    MeshCase((2, 2), ("tp", "dp"), "tp"),
-    MeshCase((2, 2, 2), ("dp", "x", "y"), ("x", "y")),
-    MeshCase((2, 4), ("x", "y"), ("y", "x")),
-    MeshCase((4,), ("tp",), ("tp",)),
-]
-
-
-def mesh_id(mc):
-    axis = "+".join(mc.axis) if isinstance(mc.axis, tuple) else mc.axis
-    return f"{mc.id}_over_{axis}"
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(seed_for(request.node.nodeid))
 
 
 def check_all(case, mc, *, per_rank=True, algorithm="auto", **kw):

@@ -9,67 +9,47 @@ block per SM. Both algorithms, exact against the oracle, every rank identical.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from jax_moe_ar.testing import N1, N2, N4
-
-from cases import (BF16, F16, F32, Q, assert_ranks_identical, check_against_oracle, dtype_id,
-                   gen_case, run_case, seed_for)
+from cases import BF16, F16, F32, GPU_MESHES, SMALL_GPU_MESHES, Q, check_every_rank, gen_case
 
 pytestmark = pytest.mark.gpu
 
-ALGOS = ("oneshot", "twoshot")
 
-
-def _rng(request):
-    return np.random.default_rng(seed_for(request.node.nodeid))
-
-
-def _check(case, mesh_case, algorithm):
-    per_rank = run_case(case, mesh_case, platform="gpu", algorithm=algorithm, per_rank=True)[0]
-    assert_ranks_identical(per_rank)
-    check_against_oracle(per_rank[0], case)
-
-
-@pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
-def test_smallest_H(request, algorithm, mesh_case, dtype):
-    case = gen_case(_rng(request), mesh_case, dtype=dtype, M=5, H=16, K=3, scales="f32",
+@pytest.mark.parametrize("mesh_case", GPU_MESHES)
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_smallest_H(rng, algorithm, mesh_case, dtype):
+    case = gen_case(rng, mesh_case, dtype=dtype, M=5, H=16, K=3, scales="f32",
                     shared=True, oob=True, quant=Q.nvfp4(), outputs=("residual", "norm", "quant"))
-    _check(case, mesh_case, algorithm)
+    check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)
 
 
-@pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", GPU_MESHES)
 @pytest.mark.parametrize("dtype,H,quant", [(BF16, 49152, Q.nvfp4()),
                                            (F16, 49152, Q.fp8_per_group(128)),
                                            (F32, 24576, Q.fp8_per_token()),
                                            (BF16, 9216, Q.fp8_per_group(128, scale_layout="col"))],
                          ids=["bf16-49152", "f16-49152", "f32-24576", "bf16-9216"])
-def test_largest_H(request, algorithm, mesh_case, dtype, H, quant):
-    case = gen_case(_rng(request), mesh_case, dtype=dtype, M=6, H=H, K=8, scales="T",
+def test_largest_H(rng, algorithm, mesh_case, dtype, H, quant):
+    case = gen_case(rng, mesh_case, dtype=dtype, M=6, H=H, K=8, scales="T",
                     shared=True, oob=True, nw_dtype="f32", quant=quant,
                     outputs=("residual", "norm", "quant"))
-    _check(case, mesh_case, algorithm)
+    check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)
 
 
-@pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N1, N2], ids=lambda c: c.id)
+@pytest.mark.parametrize("mesh_case", SMALL_GPU_MESHES)
 @pytest.mark.parametrize("K", [1, 9, 13, 17])
-def test_K_not_a_multiple_of_the_chunk(request, algorithm, mesh_case, K):
-    case = gen_case(_rng(request), mesh_case, dtype=BF16, M=33, H=1024, K=K, scales="f32",
+def test_K_not_a_multiple_of_the_chunk(rng, algorithm, mesh_case, K):
+    case = gen_case(rng, mesh_case, dtype=BF16, M=33, H=1024, K=K, scales="f32",
                     shared=True, rsf=2.5, oob=True, nw_dtype="f32")
-    _check(case, mesh_case, algorithm)
+    check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)
 
 
-@pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("mesh_case", [N1, N2, N4], ids=lambda c: c.id)
-def test_many_rows_per_block(request, algorithm, mesh_case):
+@pytest.mark.parametrize("mesh_case", GPU_MESHES)
+def test_many_rows_per_block(rng, algorithm, mesh_case):
     """M = 2500 rows on at most one block per SM: every block walks many rows and
     pushes many vectors; gamma in float32 against bf16 activations."""
-    case = gen_case(_rng(request), mesh_case, dtype=BF16, M=2500, H=2048, K=8, scales="f32",
+    case = gen_case(rng, mesh_case, dtype=BF16, M=2500, H=2048, K=8, scales="f32",
                     shared=True, oob=True, nw_dtype="f32", quant=Q.fp8_per_token(),
                     outputs=("residual", "norm", "quant"))
-    _check(case, mesh_case, algorithm)
+    check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)

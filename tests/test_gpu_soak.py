@@ -19,14 +19,13 @@ import os
 import time
 
 import jax
-import numpy as np
 import pytest
 from jax import lax
 
 import jax_moe_ar as mar
 from jax_moe_ar.testing import N2, N4, N4_DP2_TP2, make_mesh
 
-from cases import BF16, Q, build, check_against_oracle, gen_case, run_case, seed_for
+from cases import ALGORITHMS, BF16, Q, build, check_against_oracle, gen_case, run_case
 
 pytestmark = pytest.mark.gpu
 
@@ -70,14 +69,13 @@ def _chain(case, mesh_case, algorithm):
 
 
 @pytest.mark.slow
-def test_soak(request):
+def test_soak(rng):
     total = int(os.environ.get("JAX_MOE_AR_SOAK_CALLS", "100000"))
-    rng = np.random.default_rng(seed_for(request.node.nodeid))
     meshes = _meshes()
     programs = []
     for mc in meshes:
         for quant in QUANTS:
-            for algo in ("oneshot", "twoshot"):
+            for algo in ALGORITHMS:
                 M = int(rng.choice([1, 5, 33, 128, 300, 1100]))
                 case = gen_case(rng, mc, dtype=BF16, M=M, H=1024, K=8, quant=quant)
                 programs.append((mc, case, algo, *_chain(case, mc, algo)))
@@ -113,17 +111,16 @@ def test_soak(request):
     assert rss - base_rss <= 256 << 20, (base_rss, rss)
 
 
-def test_recompiles_and_dropped_meshes_reuse_workspaces(request):
+def test_recompiles_and_dropped_meshes_reuse_workspaces(rng):
     """New shapes and new meshes over the same GPUs: workspaces are created only while
     capacity grows (M = 1100 needs more than the first one's 1 MiB slots), then reused;
     every call of every program is exact (a call that read an earlier call's data would
     differ: each case has fresh random inputs)."""
-    rng = np.random.default_rng(seed_for(request.node.nodeid))
     mc = _meshes()[0]
     counts = []
     for rnd in range(3):
         for M in (3, 40, 200, 1100):
-            for algo in ("oneshot", "twoshot"):
+            for algo in ALGORITHMS:
                 case = gen_case(rng, mc, dtype=BF16, M=M, H=512, K=4,
                                 quant=Q.fp8_per_group(128), outputs=("residual", "norm", "quant"))
                 # run_case builds a new mesh and a new jitted program each time

@@ -1,15 +1,10 @@
 """Tests of the NumPy oracle itself against hand-checkable facts from docs/spec.md §3."""
 
-import os
-import sys
+import ml_dtypes
+import numpy as np
+import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import oracle  # noqa: E402
+import oracle
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16

@@ -9,16 +9,11 @@ import pytest
 import jax_moe_ar as mar
 import oracle
 from cases import (ALL_QUANTS, BF16, F16, F32, Q, assert_same_bits, build, check_against_oracle,
-                   dtype_id, gen_case, oracle_outputs, run_case, seed_for, ulp_distance)
+                   dtype_id, gen_case, oracle_outputs, run_case, ulp_distance)
 from jax_moe_ar.testing import N1, N2, N4, N4_DP2_TP2, N8_TUPLE, make_mesh
 
 PLATFORM = "cpu"
 EPS_T = {BF16: 2.0 ** -7, F16: 2.0 ** -10, F32: 2.0 ** -23}
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(seed_for(request.node.nodeid))
 
 
 def assert_close_T(got, want, dtype, what, k=4.0):

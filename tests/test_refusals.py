@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as PS
 
 import jax_moe_ar as mar
-from cases import ALL_QUANTS, BF16, Q, check_against_oracle, gen_case, run_case, seed_for
+from cases import ALL_QUANTS, BF16, Q, check_against_oracle, gen_case, run_case
 from jax_moe_ar.testing import N1, N2, N4, make_mesh, sharded
 
 S = jax.ShapeDtypeStruct
@@ -318,8 +318,7 @@ def test_axis_name_not_a_name(mesh, axis):
 
 @pytest.mark.parametrize("quant", [None, *ALL_QUANTS], ids=lambda q: q.id if q else "noquant")
 @pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
-def test_zero_tokens_empty_outputs(request, dense, quant):
-    rng = np.random.default_rng(seed_for(request.node.nodeid))
+def test_zero_tokens_empty_outputs(rng, dense, quant):
     H = 256
     outputs = ("residual", "norm") if quant is None else ("residual", "norm", "quant")
     case = gen_case(rng, N4, dtype=BF16, M=0, H=H, dense=dense, quant=quant, outputs=outputs,
@@ -349,8 +348,7 @@ def test_zero_tokens_still_validated(mesh):
 @pytest.mark.parametrize("quant", [None, Q.fp8_per_token(), Q.nvfp4(600.0)],
                          ids=lambda q: q.id if q else "noquant")
 @pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
-def test_group_of_one(request, dense, quant):
-    rng = np.random.default_rng(seed_for(request.node.nodeid))
+def test_group_of_one(rng, dense, quant):
     case = gen_case(rng, N1, dtype=BF16, M=5, H=64, dense=dense, quant=quant, scales="f32",
                     shared=True, rsf=2.0,
                     outputs=None if quant is None else ("residual", "norm", "quant"))
