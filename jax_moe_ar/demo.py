@@ -313,8 +313,7 @@ _SCATTER_PATHS = {
     "cuda-fused": "fused CUDA kernel",
     "cpu-ffi": "CPU FFI path (finalize FFI -> all_to_all -> reduce/norm/quant FFI on this "
                "rank's rows)",
-    "xla": "plain XLA ops + lax.psum_scatter (on CUDA the fused reduce-scatter kernel is "
-           "pending)",
+    "xla": "plain XLA ops + lax.psum_scatter",
 }
 
 

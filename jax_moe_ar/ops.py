@@ -276,9 +276,9 @@ def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight,
     Each row equals, bit for bit, the matching row of ``moe_finalize_allreduce`` on the
     same inputs. M must be a multiple of N.
 
-    On CUDA the fused reduce-scatter kernel is pending: ``algorithm="auto"`` runs the
-    ``lax.psum_scatter`` composition (``"xla"``: within SPEC §3's tolerance, not exact) and
-    ``"oneshot"``/``"twoshot"`` raise. The CPU path is exact.
+    On CUDA the fused kernel runs the reduce-scatter half of two-shot with the tail on this
+    rank's rows, whatever fused ``algorithm`` is asked; ``"xla"`` is the
+    ``lax.psum_scatter`` composition (within SPEC §3's tolerance, not exact).
     """
     T, M, H = _moe_operands(expert_out, permuted_idx, expert_scales, shared_expert_out)
     rsf = _static_float("routed_scaling_factor", routed_scaling_factor)

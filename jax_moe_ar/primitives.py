@@ -236,22 +236,7 @@ _cpu_lowering = mlir.lower_fun(_cpu_impl, multiple_results=True)
 
 _warned: set[str] = set()
 
-# The fused kernel has no reduce-scatter mode yet (csrc/ffi/cuda.cc refuses the SCATTER
-# flag). Until it has, the CUDA lowering serves the reduce-scatter variants with the
-# plain-JAX psum_scatter composition under "auto" (silently: that is the documented
-# path, not a fallback) and refuses "oneshot"/"twoshot". The switch that turns the
-# fused path on once the kernel lands.
-FUSED_SCATTER_KERNEL = False
-
-
 def _cuda_lowering(ctx, *args, cfg: OpConfig):
-    if cfg.scatter and not FUSED_SCATTER_KERNEL:
-        if cfg.algorithm != "auto":
-            raise RuntimeError(
-                f"jax_moe_ar: algorithm={cfg.algorithm!r}: the fused reduce-scatter kernel is "
-                "not built yet, so the reduce-scatter variants run on CUDA only as the "
-                "lax.psum_scatter composition. Use algorithm='auto' or 'xla'.")
-        return _xla_lowering(ctx, *args, cfg=cfg)
     res = _residual_aval(cfg, ctx.avals_in)
     H, T = res.shape[1], jnp.dtype(res.dtype)
     # Rows of the partial: every token (M), also for a reduce-scatter, whose residual

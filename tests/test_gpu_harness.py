@@ -35,16 +35,49 @@ def harness(tmp_path_factory):
     return proc.stdout.strip().splitlines()[-1]
 
 
-CASES = [(ranks, quant, M) for ranks in (2, 4) for quant in ("none", "fp8_per_group", "nvfp4")
-         for M in (1, 129, 3001)] + [(1, "none", 1000), (3, "nvfp4", 1000), (4, "none", 4099)]
+QUANTS = ("none", "fp8_static", "fp8_per_token", "fp8_per_group", "nvfp4")
+# Sizes across the kernels' switch points: one row (one cluster), a row count that is
+# not a multiple of the ranks, more rows than co-resident clusters (rows per cluster > 1),
+# and a wide grid with odd H; every quant format; 1-4 ranks.
+CASES = ([(ranks, quant, M) for ranks in (2, 4) for quant in QUANTS for M in (1, 129, 3001)]
+         + [(1, q, 1000) for q in QUANTS] + [(3, "nvfp4", 1000), (4, "none", 4099)])
+
+
+def _run(harness, *args):
+    proc = subprocess.run([harness, "--virtual", "1", "--warmup", "3", "--iters", "10",
+                           "--graph", "0", "--timeout", "5", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
 
 
 @pytest.mark.parametrize("ranks,quant,M", CASES, ids=lambda v: str(v))
 def test_virtual_ranks_both_algorithms_agree(harness, ranks, quant, M):
+    """One-shot and two-shot byte-equal on every rank, and rank 0 equal to the package's
+    CPU path run on the host (residual_out exactly; SPEC §3's 1-ulp rule for the rest)."""
     H = 7168 if M <= 129 else 2048
-    cmd = [harness, "--ranks", str(ranks), "--virtual", "1", "--check", "1", "--M", str(M),
-           "--H", str(H), "--quant", quant, "--warmup", "3", "--iters", "10"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = _run(harness, "--ranks", ranks, "--check", 1, "--verify", 1, "--M", M, "--H", H,
+               "--quant", quant)
     assert f"CHECK OK: 2 algorithms x {ranks} ranks" in out, out[-4000:]
+    assert "VERIFY OK" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("group_size", [48, 512])
+def test_staged_group_quantizer(harness, group_size):
+    """Scale groups that do not fall on 1-32 lanes are quantized from the staged row,
+    read across the row's cluster."""
+    out = _run(harness, "--ranks", 2, "--check", 1, "--verify", 1, "--M", 37, "--H", 3072,
+               "--quant", "fp8_per_group", "--group-size", group_size)
+    assert "CHECK OK" in out and "VERIFY OK" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("ranks,quant,M", [(r, q, M) for r in (1, 2, 3, 4) for q in QUANTS
+                                          for M in (r, 700 * r)],
+                         ids=lambda v: str(v))
+def test_reduce_scatter_rows_equal_allreduce(harness, ranks, quant, M):
+    """SPEC §2.1: every rank's M/N reduce-scatter rows equal, byte for byte, the matching
+    rows of the all-reduce on the same inputs."""
+    H = 2048 if M > 1000 else 7168
+    out = _run(harness, "--ranks", ranks, "--scatter", 1, "--M", M, "--H", H, "--quant", quant)
+    assert f"SCATTER OK: {ranks} ranks" in out, out[-4000:]

@@ -467,12 +467,6 @@ def cuda_text(mc, **kw):
     return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.fixture
-def fused_scatter(monkeypatch):
-    """The lowering as it will be once the kernel lands (primitives.FUSED_SCATTER_KERNEL)."""
-    monkeypatch.setattr(primitives, "FUSED_SCATTER_KERNEL", True)
-
-
 CUDA_CASES = [
     dict(),
     dict(scales=True, shared=True, routed_scaling_factor=2.5, quant=Q.nvfp4(600.0),
@@ -488,8 +482,8 @@ def case_id(c):
 
 @pytest.mark.parametrize("mc", [N4, N4_DP2_TP2, N8_TUPLE], ids=mesh_id)
 @pytest.mark.parametrize("kw", CUDA_CASES, ids=case_id)
-def test_cuda_fused_lowering(fused_scatter, mc, kw):
-    """With the kernel switched on: one jax_moe_ar_fused_v1 call whose flags add SCATTER,
+def test_cuda_fused_lowering(mc, kw):
+    """One jax_moe_ar_fused_v1 call whose flags add SCATTER,
     operands of all M tokens but a residual of M/N rows, results of M/N rows, and no XLA
     collective."""
     M, H, K, P = 8, 64, 3, 6
@@ -523,31 +517,12 @@ def test_cuda_fused_lowering(fused_scatter, mc, kw):
     assert res == want_res
 
 
-def test_cuda_fused_lowering_group_of_one(fused_scatter):
+def test_cuda_fused_lowering_group_of_one():
     text = cuda_text(N1, M=5)
     assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
-def test_cuda_auto_runs_psum_scatter_until_the_kernel_lands(dense):
-    """The kernel is not built: "auto" on CUDA lowers to the psum_scatter composition,
-    without a warning (it is the documented path, not a fallback)."""
-    assert primitives.FUSED_SCATTER_KERNEL is False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        text = cuda_text(N4, dense=dense, quant=Q.fp8_per_token())
-    assert FUSED not in text and ("reduce_scatter" in text or "reduce-scatter" in text)
-    assert not [w for w in caught if "jax_moe_ar" in str(w.message)], \
-        [str(w.message) for w in caught]
-
-
-@pytest.mark.parametrize("algorithm", ["oneshot", "twoshot"])
-def test_cuda_forced_fused_algorithm_refused_until_the_kernel_lands(algorithm):
-    with pytest.raises(RuntimeError, match="not built yet.*'auto' or 'xla'"):
-        cuda_text(N4, algorithm=algorithm)
-
-
-def test_cuda_xla_algorithm_lowers_to_reduce_scatter(fused_scatter):
+def test_cuda_xla_algorithm_lowers_to_reduce_scatter():
     text = cuda_text(N4, algorithm="xla", quant=Q.nvfp4(600.0))
     assert FUSED not in text and "reduce_scatter" in text and "all_reduce" not in text
 

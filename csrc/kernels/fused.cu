@@ -24,7 +24,8 @@
 // residual_out slice into a packet in every peer's gather area and raises the
 // slice's flag (value epoch + 1, release); phase 3 waits for the other rows'
 // flags (acquire), clears them, and runs the same row tail on the packet.
-// Every wait depends only on pushes that never wait, so every wait ends.
+// A reduce-scatter (kScatter) is phases 1 and 2, with the owned rows as its
+// output. Every wait depends only on pushes that never wait, so every wait ends.
 // The math is common/ (the CPU path runs the same functions); this file only
 // decides who computes what.
 #include <algorithm>
@@ -242,9 +243,14 @@ __global__ void __launch_bounds__(kMaxTR)
   const Place p = place_of<T>(a, g);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
-  zero_swizzle_padding_rows(a, p.M);
   const uint32_t chunk = (p.M + uint32_t(x.nranks) - 1) / uint32_t(x.nranks);
   auto owner = [chunk](uint32_t m) { return int(m / chunk); };
+  // Reduce-scatter (SPEC §2.1): the owned rows are the whole output; residual
+  // and results hold rows [lo, lo + chunk) as rows [0, chunk).
+  const bool scatter = a.cfg.has(kScatter);
+  const uint32_t lo = min(uint32_t(x.rank) * chunk, p.M);
+  const uint32_t first_out = scatter ? lo : 0u, rows_out = scatter ? min(chunk, p.M - lo) : p.M;
+  zero_swizzle_padding_rows(a, rows_out);
   const uint64_t fbytes = flags_bytes(p.M, int(p.C));
   const uint32_t slice_id = blockIdx.x % p.C;
   auto flag_at = [&](int r, uint32_t m) {
@@ -264,29 +270,32 @@ __global__ void __launch_bounds__(kMaxTR)
   // Phase 2: the owned rows: reduce, send residual_out to every peer, tail.
   for (uint32_t m = p.cluster; m < p.M; m += p.G) {
     if (owner(m) != x.rank) continue;
+    const uint32_t out = m - first_out;
     uint4 r = kSentinel4;
     if (p.active) {
-      const uint4 res = ldg16(elem_ptr<T>(a.residual, m, uint32_t(a.H), p.v));
+      const uint4 res = ldg16(elem_ptr<T>(a.residual, out, uint32_t(a.H), p.v));
       float y[Pack<T>::V];
       rank_sum<T>(x, st, slot_offset(m, p.HV, p.v), wire_vector<T>(a, m, p.v), y);
       r = add_residual<T>(y, res);
-      if (!st.poisoned)
+      if (!st.poisoned && !scatter)
         for (int s = 0; s < x.nranks; ++s)
           if (s != x.rank) *reinterpret_cast<uint4*>(packet_at(s, m)) = r;
     }
-    // Every thread's packet stores happen before the flags: the barrier orders
-    // them before the release stores, which are cumulative.
-    __syncthreads();
-    if (!st.poisoned && threadIdx.x < uint32_t(x.nranks) && int(threadIdx.x) != x.rank)
-      st_release_sys(flag_at(int(threadIdx.x), m), st.epoch + 1u);
+    if (!scatter) {
+      // Every thread's packet stores happen before the flags: the barrier orders
+      // them before the release stores, which are cumulative.
+      __syncthreads();
+      if (!st.poisoned && threadIdx.x < uint32_t(x.nranks) && int(threadIdx.x) != x.rank)
+        st_release_sys(flag_at(int(threadIdx.x), m), st.epoch + 1u);
+    }
     tr.lap(kTraceStage);
-    row_tail<T>(a, TailPlace{m, p.M}, p.v, p.active, r, uint32_t(g.TR) * Pack<T>::V, int(p.C),
-                sh, ts, stage);
+    row_tail<T>(a, TailPlace{out, rows_out}, p.v, p.active, r, uint32_t(g.TR) * Pack<T>::V,
+                int(p.C), sh, ts, stage);
     tr.lap(kTraceFinish);
     tr.row();
   }
-  // Phase 3: the other rows, from their owners' packets.
-  for (uint32_t m = p.cluster; m < p.M; m += p.G) {
+  // Phase 3: the other rows, from their owners' packets (not for a reduce-scatter).
+  for (uint32_t m = p.cluster; m < p.M && !scatter; m += p.G) {
     const int o = owner(m);
     if (o == x.rank) continue;
     if (threadIdx.x == 0) {
@@ -392,7 +401,8 @@ template <typename T>
 cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm algo, Launch<T>* l) {
   l->g = geometry_of<T>(a.H);
   l->smem = stage_bytes<T>(a, l->g);
-  l->kernel = kernel_for<T>(algo, l->g);
+  // A reduce-scatter is two-shot's first half whatever the algorithm asked.
+  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g);
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
@@ -459,7 +469,7 @@ const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeVi
   if (row_bytes > uint64_t(kMaxRowBytes)) return "rows are wider than the kernel serves";
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
-  if (algorithm == Algorithm::kTwoShot) {
+  if (algorithm == Algorithm::kTwoShot && !a.cfg.has(kScatter)) {
     const int C = with_float_type(t, [&](auto tag) { return geometry_of<decltype(tag)>(a.H).C; });
     if (flags_bytes(a.M, C) + uint64_t(a.M) * row_bytes > x.gather_bytes)
       return "the call's rows exceed the workspace's gather area";

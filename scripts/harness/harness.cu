@@ -18,6 +18,8 @@
 //                (the ranks share residual and gamma, as SPEC §2 requires).
 //   --verify 1   compares rank 0's outputs with the package's CPU path run on
 //                the host from the same inputs (verify.h).
+//   --scatter 1  times the reduce-scatter variant instead, then requires each
+//                rank's M/N rows to equal the all-reduce's rows (scatter.h).
 // Exit status 1 when a check fails or a kernel reports a failure.
 //
 // Build: scripts/harness/build.sh (the CMake target `harness`). Examples:
@@ -37,6 +39,7 @@
 #include "inputs.h"
 #include "kernels/fused.h"
 #include "runtime/workspace.h"
+#include "scatter.h"
 #include "verify.h"
 
 namespace {
@@ -49,7 +52,7 @@ void usage() {
                "        [--algo oneshot|twoshot] [--quant none|fp8_static|fp8_per_token|"
                "fp8_per_group|nvfp4] [--group-size g]\n"
                "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n"
-               "        [--timeout seconds (bound of every wait, default 10)]\n");
+               "        [--timeout seconds (bound of every wait, default 10)] [--scatter 0|1]\n");
   std::exit(2);
 }
 
@@ -74,10 +77,12 @@ Options parse(int argc, char** argv) {
     else if (k == "--floors") o.floors = std::atoi(v) != 0;
     else if (k == "--graph") o.graph = std::atoi(v) != 0;
     else if (k == "--timeout") o.timeout_s = std::atof(v);
+    else if (k == "--scatter") o.scatter = std::atoi(v) != 0;
     else usage();
   }
   if (o.ranks < 1 || o.ranks > int(mar::kMaxRanks) || o.M < 1 || o.H % 16 != 0 || o.K < 1 ||
-      o.iters < 1 || o.group_size < 1 || o.H % o.group_size != 0)
+      o.iters < 1 || o.group_size < 1 || o.H % o.group_size != 0 ||
+      (o.scatter && (o.M % o.ranks != 0 || o.check)))
     usage();
   output_bytes(o);  // refuses an unknown --quant
   return o;
@@ -231,7 +236,17 @@ int main(int argc, char** argv) {
     check(cudaEventCreate(&rk.start[r]), "event");
     check(cudaEventCreate(&rk.stop[r]), "event");
   }
+  std::vector<mar::LayerArgs> scatter;  // [rank]
+  for (size_t r = 0; o.scatter && r < rk.devs.size(); ++r) {
+    rk.set(r);
+    scatter.push_back(scatter_args(ins[r].args, o, int(r)));
+  }
   auto op = [&](size_t r) {
+    if (o.scatter) {
+      check(mar::launch_fused(mar::DType::kBF16, scatter[r], *views[r], algos[0], rk.streams[r]),
+            "launch");
+      return;
+    }
     for (size_t v = 0; v < algos.size(); ++v)
       check(mar::launch_fused(mar::DType::kBF16, args[v][r], *views[r], algos[v], rk.streams[r]),
             "launch");
@@ -242,10 +257,10 @@ int main(int argc, char** argv) {
   if (o.graph) graph = rk.graph(o.iters, op);
   const double per = 1.0 / double(algos.size());  // µs per call of one algorithm
 
-  std::string label = names[0];
+  std::string label = o.scatter ? "reduce-scatter" : names[0];
   for (size_t v = 1; v < names.size(); ++v) label += "+" + names[v];
-  const mar::LaunchShape shape =
-      mar::fused_launch_shape(mar::DType::kBF16, args[0][0], *views[0], algos[0]);
+  const mar::LaunchShape shape = mar::fused_launch_shape(
+      mar::DType::kBF16, o.scatter ? scatter[0] : args[0][0], *views[0], algos[0]);
   std::printf("ranks %d%s M %d H %d K %d %s %s (grid %d x %d threads, cluster %d): µs per call",
               o.ranks, o.virtual_ranks ? " (virtual, GPU 0)" : "", o.M, o.H, o.K, label.c_str(),
               o.quant.c_str(), shape.grid, shape.block, shape.cluster);
@@ -310,6 +325,32 @@ int main(int argc, char** argv) {
                 1e-3 * double(w[mar::kTracePush]), 1e-3 * double(w[mar::kTraceStage]),
                 1e-3 * double(w[mar::kTraceFinish]), 1e-3 * double(w[mar::kTraceOther]),
                 static_cast<unsigned long long>(w[mar::kTraceRows]));
+  }
+  if (o.scatter) {
+    // One all-reduce on every rank, then each rank's rows against it.
+    for (size_t r = 0; r < rk.devs.size(); ++r) {
+      rk.set(r);
+      check(mar::launch_fused(mar::DType::kBF16, args[0][r], *views[r], algos[0], rk.streams[r]),
+            "launch");
+    }
+    for (size_t r = 0; r < rk.devs.size(); ++r) {
+      rk.set(r);
+      check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+    }
+    Options local = o;
+    local.M = o.M / o.ranks;
+    const std::vector<uint8_t> all = outputs_of(args[0][0], o);
+    bool same = true;
+    for (size_t r = 0; r < rk.devs.size(); ++r) {
+      const size_t diff = scatter_differences(outputs_of(scatter[r], local), all, o, int(r));
+      if (diff) std::printf("SCATTER FAIL: rank %zu: %zu bytes differ from the all-reduce's rows\n", r, diff);
+      same = same && diff == 0;
+    }
+    if (same) std::printf("SCATTER OK: %d ranks' rows equal the all-reduce's, byte for byte\n", o.ranks);
+    if (!same) {
+      mar::runtime::destroy_all();
+      return 1;
+    }
   }
   const auto errors = mar::runtime::take_errors();
   for (const auto& e : errors) std::fprintf(stderr, "kernel failure: %s\n", e.c_str());

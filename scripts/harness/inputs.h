@@ -20,6 +20,7 @@ namespace harness {
 struct Options {
   int ranks = 2, M = 1, H = 7168, K = 8, iters = 1000, warmup = 50, group_size = 128;
   bool virtual_ranks = false, check = false, verify = false, floors = false, graph = true;
+  bool scatter = false;  // time the reduce-scatter variant; check it against the all-reduce
   double timeout_s = 10.0;
   std::string algo = "oneshot", quant = "none";
 };
