@@ -109,12 +109,15 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 }
 
 // ---- reductions (fixed order, so every rank gets the same bits) -------------
-// Over a row's blocks (a cluster of C blocks, cluster rank order). Each takes
-// the block's scratch `red` (kMaxWarps values) and its two cluster slots
-// `out[2]`, used by alternate calls: a block writes slot i % 2 for its i-th
-// reduction, which its peers have stopped reading once they reached the
-// cluster barrier of reduction i + 1 (so one barrier per reduction suffices;
-// the kernel ends with cluster_done()).
+// Over a row's blocks (a cluster of C blocks). Each warp's value (a shuffle
+// tree) is stored by its lane 0 into slot [c][warp] of EVERY block of the
+// cluster; after one cluster barrier each thread combines the C x warps slots
+// of its own block in (c, warp) order — one barrier per reduction and only
+// local shared-memory reads. Reductions alternate between two sets of slots:
+// a block writes set i % 2 for its i-th reduction, which its peers have
+// stopped reading once it could pass the barrier of reduction i + 1, so no
+// second barrier is needed, and none before a block exits (after its last
+// barrier nobody touches another block's memory).
 struct Sum {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
@@ -122,35 +125,35 @@ struct NanMax {
   __device__ float operator()(float a, float b) const { return nan_max(a, b); }
 };
 
+template <typename R>
+struct ReduceSlots {
+  R v[2][kMaxCluster][kMaxWarps];
+};
+
 template <typename R, typename Op>
-__device__ __forceinline__ R block_reduce(R v, R* red, Op op) {
+__device__ __forceinline__ R cluster_reduce(R v, ReduceSlots<R>& slots, uint32_t& parity, int C,
+                                            Op op) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();  // `red` may still be read from the previous use
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  R t = red[0];
-  for (int i = 1; i < int(blockDim.x >> 5); ++i) t = op(t, red[i]);
-  return t;
-}
-
-template <typename R, typename Op>
-__device__ __forceinline__ R cluster_reduce(R v, R* red, R* out, uint32_t& parity, int C, Op op) {
-  R t = block_reduce(v, red, op);
-  if (C == 1) return t;
-  R* slot = out + parity;
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const uint32_t p = parity;
   parity ^= 1u;
-  if (threadIdx.x == 0) *slot = t;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  R s = *cluster.map_shared_rank(slot, 0u);
-  for (int c = 1; c < C; ++c) s = op(s, *cluster.map_shared_rank(slot, unsigned(c)));
-  return s;
-}
-
-// Before a block of a cluster exits: its shared memory may still be read by peers.
-__device__ __forceinline__ void cluster_done(int C) {
-  if (C > 1) cg::this_cluster().sync();
+  auto& set = slots.v[p];
+  if (C == 1) {
+    if ((threadIdx.x & 31) == 0) set[0][warp] = v;
+    __syncthreads();
+  } else {
+    cg::cluster_group cluster = cg::this_cluster();
+    const unsigned me = cluster.block_rank();
+    if ((threadIdx.x & 31) == 0)
+      for (int c = 0; c < C; ++c) cluster.map_shared_rank(&slots, unsigned(c))->v[p][me][warp] = v;
+    cluster.sync();
+  }
+  R t = set[0][0];
+  for (int w = 1; w < warps; ++w) t = op(t, set[0][w]);
+  for (int c = 1; c < C; ++c)
+    for (int w = 0; w < warps; ++w) t = op(t, set[c][w]);
+  return t;
 }
 
 // NaN-propagating max over this lane's aligned group of n lanes (n a power of two <= 32).

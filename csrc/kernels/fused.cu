@@ -38,6 +38,10 @@
 #ifndef MAR_KCHUNK
 #define MAR_KCHUNK 8
 #endif
+// Blocks per SM the 256-thread variant is compiled for (its register budget).
+#ifndef MAR_MIN_BLOCKS
+#define MAR_MIN_BLOCKS 1
+#endif
 
 namespace mar {
 namespace {
@@ -176,7 +180,7 @@ __device__ __forceinline__ TailState tail_state(const LayerArgs& a) {
 
 // ---- one-shot ---------------------------------------------------------------------------
 template <typename T, int kMaxTR>
-__global__ void __launch_bounds__(kMaxTR)
+__global__ void __launch_bounds__(kMaxTR, kMaxTR == 256 ? MAR_MIN_BLOCKS : 1)
     oneshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
   extern __shared__ uint4 stage_raw[];  // one slice of T, for the staged quantizers
@@ -198,14 +202,20 @@ __global__ void __launch_bounds__(kMaxTR)
     }
     return w;
   };
+  // The residual of a row is loaded before its wire, so its latency overlaps the finalize's.
+  auto residual = [&](uint32_t row) {
+    return row < p.M && p.active ? ldg16(elem_ptr<T>(a.residual, row, uint32_t(a.H), p.v))
+                                 : kSentinel4;
+  };
+  uint4 res = residual(m);
   uint4 own = m < p.M && p.active ? produce(m) : kSentinel4;
   for (; m < p.M; m += p.G) {
     const uint32_t next = m + p.G;
+    const uint4 res_next = residual(next);
     const uint4 own_next = next < p.M && p.active ? produce(next) : kSentinel4;
     tr.lap(kTracePush);
     uint4 r = kSentinel4;
     if (p.active) {
-      const uint4 res = ldg16(elem_ptr<T>(a.residual, m, uint32_t(a.H), p.v));
       float y[Pack<T>::V];
       rank_sum<T>(x, st, slot_offset(m, p.HV, p.v), own, y);
       r = add_residual<T>(y, res);
@@ -216,8 +226,8 @@ __global__ void __launch_bounds__(kMaxTR)
     tr.lap(kTraceFinish);
     tr.row();
     own = own_next;
+    res = res_next;
   }
-  cluster_done(int(p.C));
   finish_call(x, st.epoch);
   tr.lap(kTraceOther);
   tr.done(st.epoch);
@@ -231,7 +241,7 @@ __host__ __device__ inline uint64_t flags_bytes(int64_t M, int C) {
 }
 
 template <typename T, int kMaxTR>
-__global__ void __launch_bounds__(kMaxTR)
+__global__ void __launch_bounds__(kMaxTR, kMaxTR == 256 ? MAR_MIN_BLOCKS : 1)
     twoshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
   extern __shared__ uint4 stage_raw[];
@@ -314,7 +324,6 @@ __global__ void __launch_bounds__(kMaxTR)
     tr.lap(kTraceFinish);
     tr.row();
   }
-  cluster_done(int(p.C));
   finish_call(x, st.epoch);
   tr.lap(kTraceOther);
   tr.done(st.epoch);

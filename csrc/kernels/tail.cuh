@@ -22,12 +22,10 @@ struct TailPlace {
   uint32_t M;      // output rows (the per-group "col" layout and swizzle padding use it)
 };
 
-// Per-block scratch of the tail.
+// Per-block scratch of the tail: the cluster-wide reductions' slots.
 struct TailShared {
-  double red_d[kMaxWarps];
-  float red_f[kMaxWarps];
-  double sum_out[2];
-  float max_out[2];
+  ReduceSlots<double> sum;
+  ReduceSlots<float> max;
 };
 
 // Per-thread state carried from row to row (parities of the cluster slots) and
@@ -152,7 +150,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool acti
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_sq = add_square(sum_sq, f[j]);
   }
-  const double total = cluster_reduce(sum_sq, sh.red_d, sh.sum_out, ts.parity_d, C, Sum{});
+  const double total = cluster_reduce(sum_sq, sh.sum, ts.parity_d, C, Sum{});
   const float inv = rms_inv(total, H, c.eps);
   float q[V] = {};  // f32(norm_out)
   float amax = 0.0f;
@@ -172,7 +170,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool acti
       if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, ts.static_inv);
       break;
     case QuantKind::kFp8PerToken: {
-      const float s = fp8_scale(cluster_reduce(amax, sh.red_f, sh.max_out, ts.parity_f, C, NanMax{}));
+      const float s = fp8_scale(cluster_reduce(amax, sh.max, ts.parity_f, C, NanMax{}));
       if (threadIdx.x == 0 && (C == 1 || cg::this_cluster().block_rank() == 0))
         static_cast<float*>(a.scale_out)[at.m] = s;
       if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, div_rn(1.0f, s));
