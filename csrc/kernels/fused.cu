@@ -38,10 +38,13 @@
 #ifndef MAR_KCHUNK
 #define MAR_KCHUNK 8
 #endif
-// Blocks per SM the 256-thread variant is compiled for (its register budget).
-#ifndef MAR_MIN_BLOCKS
-#define MAR_MIN_BLOCKS 1
-#endif
+// Rows at which a call takes the variant compiled for 3 blocks of up to 256
+// threads per SM (80 registers, a few spilled) instead of the one with all
+// the registers it wants (~128): more rows in flight per SM pay off once each
+// cluster walks several rows. Measured on 1xH200, docs/perf.md v6: M <= 32
+// faster with the unbounded variant (5.5 vs 6.3 µs at M = 1), M >= 2048 with
+// the bounded one (178 vs 259 µs at M = 2048), M = 128 about even.
+constexpr int64_t kManyRows = 128;
 
 namespace mar {
 namespace {
@@ -179,8 +182,8 @@ __device__ __forceinline__ TailState tail_state(const LayerArgs& a) {
 }
 
 // ---- one-shot ---------------------------------------------------------------------------
-template <typename T, int kMaxTR>
-__global__ void __launch_bounds__(kMaxTR, kMaxTR == 256 ? MAR_MIN_BLOCKS : 1)
+template <typename T, int kMaxTR, int kMinBlocks>
+__global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     oneshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
   extern __shared__ uint4 stage_raw[];  // one slice of T, for the staged quantizers
@@ -240,8 +243,8 @@ __host__ __device__ inline uint64_t flags_bytes(int64_t M, int C) {
   return (uint64_t(M) * uint64_t(C) * 4 + 255) / 256 * 256;
 }
 
-template <typename T, int kMaxTR>
-__global__ void __launch_bounds__(kMaxTR, kMaxTR == 256 ? MAR_MIN_BLOCKS : 1)
+template <typename T, int kMaxTR, int kMinBlocks>
+__global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     twoshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
   extern __shared__ uint4 stage_raw[];
@@ -334,13 +337,18 @@ template <typename T>
 using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 
 // Blocks of up to 256 threads (rows up to 2048 vectors: H <= 16384 in bf16)
-// get the registers of a small block; wider rows a block of up to kMaxThreads.
+// get the registers of a small block, or (many rows) three such blocks per SM;
+// wider rows a block of up to kMaxThreads.
+template <typename T, int kMaxTR, int kMinBlocks>
+Kernel<T> kernel_of(Algorithm algorithm) {
+  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks>
+                                          : oneshot_kernel<T, kMaxTR, kMinBlocks>;
+}
+
 template <typename T>
-Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g) {
-  if (g.TR <= 256)
-    return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, 256> : oneshot_kernel<T, 256>;
-  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxThreads>
-                                          : oneshot_kernel<T, kMaxThreads>;
+Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g, int64_t rows) {
+  if (g.TR > 256) return kernel_of<T, kMaxThreads, 1>(algorithm);
+  return rows >= kManyRows ? kernel_of<T, 256, 3>(algorithm) : kernel_of<T, 256, 1>(algorithm);
 }
 
 // Dynamic shared memory: one slice of T, for the staged quantizers only.
@@ -411,7 +419,7 @@ cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm alg
   l->g = geometry_of<T>(a.H);
   l->smem = stage_bytes<T>(a, l->g);
   // A reduce-scatter is two-shot's first half whatever the algorithm asked.
-  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g);
+  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g, a.M);
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
@@ -445,10 +453,10 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
 template <typename T>
 cudaError_t load_kernels() {
   for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot}) {
-    for (int TR : {256, kMaxThreads}) {
+    for (Kernel<T> k : {kernel_of<T, 256, 1>(algo), kernel_of<T, 256, 3>(algo),
+                        kernel_of<T, kMaxThreads, 1>(algo)}) {
       cudaFuncAttributes attr;
-      const cudaError_t e =
-          cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel_for<T>(algo, {1, TR, 0})));
+      const cudaError_t e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(k));
       if (e != cudaSuccess) return e;
     }
   }
