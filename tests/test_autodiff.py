@@ -237,3 +237,26 @@ def test_dense_grad_on_dp_tp_mesh_matches_xla():
 
     for name, g, w in zip(("x", "residual", "norm_weight"), grads("auto"), grads("xla")):
         assert _rel_err(g, w) < 1e-5, f"{name}: {_rel_err(g, w):.3g}"
+
+
+def test_cuda_lowering_of_a_gradient_is_one_fused_call_and_no_all_reduce():
+    """Lowered for CUDA (lower-only, on this machine): the forward pass is one fused call and
+    the backward pass adds no collective (the cotangent of the sum is the same on every rank)."""
+    from jax_moe_ar.primitives import TARGET_FUSED
+    mesh = make_mesh("cpu", N4)
+    args = _moe_inputs(np.random.default_rng(6), 4)
+
+    def loss(eo, sc, sh, res, nw, idx):
+        out = mar.moe_finalize_allreduce(eo, idx, res, nw, axis_name="tp", expert_scales=sc,
+                                         shared_expert_out=sh, outputs=("norm",))
+        return _loss_of(out, 32)
+
+    tp = PS("tp")
+    f = jax.jit(jax.shard_map(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), mesh=mesh,
+                              in_specs=(tp, tp, tp, PS(), PS(), tp),
+                              out_specs=(tp, tp, tp, PS(), PS())))
+    eo, idx, sc, sh, res, nw = args
+    text = f.trace(eo, sc, sh, res, nw, idx).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(f"@{TARGET_FUSED}(") == 1
+    for collective in ("all_reduce", "all_gather", "reduce_scatter", "collective_permute"):
+        assert collective not in text, collective

@@ -168,3 +168,25 @@ def test_debug_under_vmap_and_grad():
     msgs = [str(w.message) for w in caught if issubclass(w.category, mar.DebugWarning)]
     assert msgs and all("`expert_out` holds 1 NaN/Inf value(s) on rank 0" in m
                         for m in msgs), msgs
+
+
+@pytest.mark.gpu
+def test_debug_on_gpus_flags_a_replicated_shared_expert():
+    from jax_moe_ar.testing import N2, devices
+    if len(devices("gpu")) < 2:
+        pytest.skip("needs 2 GPUs (a group of one has nothing to compare)")
+    mesh = make_mesh("gpu", N2)
+    a = _inputs(2)
+    a["sh"] = a["sh"][:M]
+
+    def body(eo, idx, sc, sh, res, nw):
+        return mar.moe_finalize_allreduce(eo, idx, res, nw, axis_name="tp", expert_scales=sc,
+                                          shared_expert_out=sh, debug=True)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(TP, TP, TP, PS(), PS(), PS()),
+                              out_specs=PS()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.block_until_ready(f(*[a[k] for k in ("eo", "idx", "sc", "sh", "res", "nw")]))
+    msgs = [str(w.message) for w in caught if issubclass(w.category, mar.DebugWarning)]
+    _one(msgs, "`shared_expert_out` is the same on every one of the 2 ranks")

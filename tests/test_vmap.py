@@ -1,7 +1,8 @@
 """SPEC §2.2: jax.vmap over a leading batch axis of the per-token operands gives, bit for bit,
 what a Python loop over the batch gives — every quant format and scale layout, batched and
 unbatched operands mixed, a per-call norm weight (run as a loop), vmap inside and outside
-shard_map, and grad through vmap."""
+shard_map, and grad through vmap. On 4 CPU devices and, marked `gpu`, on the GPUs there are
+(4, 2 or a group of one)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,19 +12,22 @@ from jax.sharding import PartitionSpec as PS
 
 import jax_moe_ar as mar
 from cases import assert_same_bits
-from jax_moe_ar.testing import N4, make_mesh
+from jax_moe_ar.testing import N1, N2, N4, devices, make_mesh
 
 B, M, H, K, P = 3, 5, 64, 2, 6
-N = N4.size
 TP = PS("tp")
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return make_mesh("cpu", N4)
+@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def mesh(request):
+    if request.param == "cpu":
+        return make_mesh("cpu", N4)
+    n = len(devices("gpu"))
+    return make_mesh("gpu", N4 if n >= 4 else N2 if n >= 2 else N1)
 
 
-def _inputs(seed, T=jnp.bfloat16):
+def _inputs(mesh, seed, T=jnp.bfloat16):
+    N = mesh.shape["tp"]
     rng = np.random.default_rng(seed)
     return dict(
         expert_out=jnp.asarray(rng.standard_normal((B, N * P, H)), T),
@@ -84,7 +88,7 @@ QUANT_IDS = ["noquant", "static", "pertoken", "group16_ue8m0", "group32_col", "n
 
 @pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)
 def test_vmap_equals_loop_every_quant(mesh, quant):
-    x = _inputs(1)
+    x = _inputs(mesh, 1)
     outputs = ("residual", "norm") + (("quant",) if quant is not None else ())
     args = [x[k] if k != "norm_weight" else x[k][0] for k in KEYS]
     text = _check_against_loop(mesh, _moe(quant, outputs), args, (True,) * 5 + (False,))
@@ -97,7 +101,7 @@ def test_vmap_equals_loop_every_quant(mesh, quant):
     (True, False, True, False, True, False),  # indices shared
 ], ids=["shared_rows", "rows_idx_only", "shared_idx"])
 def test_vmap_mixed_batched_operands(mesh, batched):
-    x = _inputs(2)
+    x = _inputs(mesh, 2)
     args = [x[k] if batched[i] else x[k][0] for i, k in enumerate(KEYS)]
     text = _check_against_loop(mesh, _moe(mar.Fp8PerToken(), ("residual", "norm", "quant")),
                                args, batched)
@@ -105,7 +109,7 @@ def test_vmap_mixed_batched_operands(mesh, batched):
 
 
 def test_vmap_per_call_norm_weight_and_scale_run_as_loop(mesh):
-    x = _inputs(3)
+    x = _inputs(mesh, 3)
 
     def fn(eo, idx, sc, sh, res, nw):
         g = 2000.0 * jnp.mean(nw * nw)  # a per-call NVFP4 global scale
@@ -116,7 +120,7 @@ def test_vmap_per_call_norm_weight_and_scale_run_as_loop(mesh):
 
 
 def test_vmap_dense(mesh):
-    x = _inputs(4)
+    x = _inputs(mesh, 4)
 
     def fn(x, res, nw):
         return mar.allreduce_rmsnorm(x, res, nw, axis_name="tp",
@@ -137,7 +141,7 @@ def test_vmap_dense(mesh):
 def test_vmap_outside_shard_map_and_grad_through_vmap(mesh):
     """vmap of the jitted shard_map program itself, and grad of a loss summed over a vmapped
     batch equals the sum of per-element grads."""
-    x = _inputs(5, T=jnp.float32)
+    x = _inputs(mesh, 5, T=jnp.float32)
     fn = _moe(None, ("residual", "norm"))
     f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=SPECS, out_specs=PS()))
     nw = x["norm_weight"][0]
@@ -169,3 +173,16 @@ def test_vmap_outside_shard_map_and_grad_through_vmap(mesh):
                                        rtol=1e-6, atol=1e-6, err_msg=f"{name} batch {b}")
     np.testing.assert_allclose(np.asarray(got[3]), sum(np.asarray(p[3]) for p in per),
                                rtol=1e-5, atol=1e-5, err_msg="norm_weight")
+
+
+def test_cuda_lowering_of_vmap_is_one_fused_call_over_all_tokens():
+    """Lowered for CUDA (lower-only): a vmapped call is one fused call of B*M rows."""
+    from jax_moe_ar.primitives import TARGET_FUSED
+    mesh = make_mesh("cpu", N4)
+    x = _inputs(mesh, 6)
+    fn = _moe(mar.NvFp4(600.0), ("residual", "quant"))
+    f = jax.jit(jax.shard_map(jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, None)), mesh=mesh,
+                              in_specs=(PS(None, "tp"),) * 4 + (PS(), PS()), out_specs=PS()))
+    args = [x[k] for k in KEYS[:5]] + [x["norm_weight"][0]]
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(f"@{TARGET_FUSED}(") == 1 and f"tensor<{B * M}x{H}xbf16>" in text
