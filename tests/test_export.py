@@ -71,8 +71,9 @@ def test_cpu_export_serializes_and_runs_in_another_process(tmp_path):
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
+    # from outside the source tree, as a user's other process would run
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "same bits" in proc.stdout, proc.stderr[-3000:]
 
 
