@@ -27,7 +27,11 @@ def finalize(expert_out, permuted_idx, expert_scales=None, shared_expert_out=Non
     M = permuted_idx.shape[0]
     if P == 0:
         # No rows to gather from (jnp.take refuses an empty axis): every index is skipped.
-        acc = jnp.zeros((M, H), _F32)
+        # Zeros typed like the operands (varying where they vary), as the gather would be.
+        acc = (jnp.zeros_like(permuted_idx[:, :1], _F32)
+               + jnp.sum(expert_out.astype(_F32), axis=0, keepdims=True))  # a sum of no rows
+        if expert_scales is not None:
+            acc = acc + jnp.zeros_like(expert_scales[:, :1], _F32)
     else:
         valid = (permuted_idx >= 0) & (permuted_idx < P)
         rows = jnp.take(expert_out, jnp.where(valid, permuted_idx, 0), axis=0).astype(_F32)

@@ -136,12 +136,13 @@ def _loss_of(out, H):
     return total
 
 
-def _moe_grads(mesh, args, *, algorithm, outputs, quant=None, check_vma=True):
+def _moe_grads(mesh, args, *, algorithm, outputs, quant=None, check_vma=True, shared=True):
     H = args[0].shape[1]
 
     def loss(eo, sc, sh, res, nw, idx):
         out = mar.moe_finalize_allreduce(eo, idx, res, nw, axis_name="tp", expert_scales=sc,
-                                         shared_expert_out=sh, routed_scaling_factor=1.5,
+                                         shared_expert_out=sh if shared else None,
+                                         routed_scaling_factor=1.5,
                                          quant=quant, outputs=outputs, algorithm=algorithm)
         return _loss_of(out, H)
 
@@ -168,6 +169,17 @@ def test_vjp_every_argument_matches_xla_float32(mesh, outputs):
             assert not np.any(np.asarray(g)), "norm_weight gets no gradient from residual"
             continue
         assert _rel_err(g, w) < 1e-5, f"{name}: relative error {_rel_err(g, w):.3g}"
+
+
+def test_vjp_with_no_expert_rows_matches_xla(mesh):
+    """P = 0: the routed part is zero, typed like the operands (the "xla" finalize used to
+    make untyped zeros, which the backward pass could not match)."""
+    args = _moe_inputs(np.random.default_rng(8), mesh.shape["tp"], P=0)
+    got = _moe_grads(mesh, args, algorithm="auto", outputs=("residual", "norm"), shared=False)
+    want = _moe_grads(mesh, args, algorithm="xla", outputs=("residual", "norm"), shared=False)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape, name
+        assert _rel_err(g, w) < 1e-5 if np.any(np.asarray(w)) else not np.any(np.asarray(g))
 
 
 def test_vjp_bf16_scales_in_T_and_unchecked_vma(mesh):
