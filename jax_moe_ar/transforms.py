@@ -82,6 +82,9 @@ def _psum_transpose(ct, wire_vma: frozenset, axes):
     """Cotangent of each rank's partial from that of their sum over `axes`: the same on
     every rank (typed varying along the axes the partials vary along); a partial that is
     the same on every rank along an axis was summed axis-size times."""
+    # The sum is invariant along `axes`; a cotangent varying along them (outputs made
+    # varying by a residual that varies there) first sums its copies.
+    ct = _reduce_to(ct, _vma(ct) - frozenset(axes))
     copies = [a for a in axes if a not in wire_vma]
     if copies:
         ct = ct * jnp.asarray(math.prod(lax.axis_size(a) for a in copies), ct.dtype)
