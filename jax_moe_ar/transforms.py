@@ -157,7 +157,7 @@ def _batch(args, dims, *, cfg: OpConfig):
     for k in per_token:
         if named[k] is not None:
             new[k] = lead(k)
-    M = new["residual"].shape[1]
+    M, H = new["residual"].shape[1:]
     if not cfg.dense and nd["partial"] is not None:
         # Call b's expert rows become rows b*P .. b*P + P - 1; indices outside [0, P) stay
         # outside every call's rows.
@@ -176,7 +176,11 @@ def _batch(args, dims, *, cfg: OpConfig):
     if q is not None and q.kind == qm.KIND_NVFP4 and q.fp4_swizzled:
         # the swizzled layout pads each call's rows to 128: swizzle per call afterwards
         bcfg = dataclasses.replace(cfg, quant=dataclasses.replace(q, fp4_swizzled=False))
-    outs = list(fused_p.bind(*_join(bcfg, new), cfg=bcfg))
+    if B * M == 0:  # no tokens (as ops does for M = 0): nothing to exchange
+        T = new["residual"].dtype
+        outs = [jnp.zeros(shape, dt) for shape, dt in bcfg.result_types(0, H, T)]
+    else:
+        outs = list(fused_p.bind(*_join(bcfg, new), cfg=bcfg))
     n_rows = len(cfg.outputs)  # residual, norm, codes: [B*M, ...] rows
     result = [o.reshape((B, M) + o.shape[1:]) for o in outs[:n_rows]]
     if q is not None and q.has_scale_output:

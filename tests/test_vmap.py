@@ -186,3 +186,17 @@ def test_cuda_lowering_of_vmap_is_one_fused_call_over_all_tokens():
     args = [x[k] for k in KEYS[:5]] + [x["norm_weight"][0]]
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count(f"@{TARGET_FUSED}(") == 1 and f"tensor<{B * M}x{H}xbf16>" in text
+
+
+def test_vmap_over_an_empty_batch(mesh):
+    """B = 0: empty outputs of the right shapes, and no call of the op (nothing to exchange,
+    as for M = 0)."""
+    x = _inputs(mesh, 7)
+    fn = _moe(mar.NvFp4(600.0), ("residual", "norm", "quant"))
+    vf = jax.jit(jax.shard_map(jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, None)), mesh=mesh,
+                               in_specs=(PS(None, "tp"),) * 4 + (PS(), PS()), out_specs=PS()))
+    args = [x[k][:0] for k in KEYS[:5]] + [x["norm_weight"][0]]
+    out = vf(*args)
+    assert out.residual.shape == (0, M, H) and out.norm.shape == (0, M, H)
+    assert out.quant.shape == (0, M, H // 2) and out.scale.shape == (0, 128, 4)
+    assert "jax_moe_ar_fused" not in str(jax.make_jaxpr(vf)(*args))
