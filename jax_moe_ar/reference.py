@@ -23,8 +23,7 @@ _F32 = jnp.float32
 def finalize(expert_out, permuted_idx, expert_scales=None, shared_expert_out=None,
              routed_scaling_factor=1.0):
     """This rank's wire [M, H] in T: weighted top-k gather, scaled, plus shared expert."""
-    P, H = expert_out.shape
-    M = permuted_idx.shape[0]
+    P = expert_out.shape[0]
     if P == 0:
         # No rows to gather from (jnp.take refuses an empty axis): every index is skipped.
         # Zeros typed like the operands (varying where they vary), as the gather would be.
