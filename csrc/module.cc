@@ -127,6 +127,7 @@ NB_MODULE(_native, m) {
 
 #if defined(JAX_MOE_AR_WITH_CUDA)
   m.attr("with_cuda") = true;
+  m.attr("cuda_arch") = JAX_MOE_AR_CUDA_ARCH;
   bind_workspace(m);
 #else
   m.attr("with_cuda") = false;

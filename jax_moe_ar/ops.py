@@ -8,8 +8,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import core as _jax_core  # get_axis_env: the bound axes, for error messages
 
-from . import primitives, reference
+from . import debug as debug_checks
+from . import primitives, reference, transforms
 from .quant import (QUANT_TYPES, Fp8PerGroup, FusedOutputs, output_shapes, scale_operand,
                     static_part)
 
@@ -25,20 +27,42 @@ def _fail(arg, rule, exc=ValueError):
     raise exc(f"jax_moe_ar: `{arg}` {rule}")
 
 
+def _bound_axes() -> tuple:
+    """Names of the mesh axes bound where the op is traced (empty outside shard_map)."""
+    try:
+        names = _jax_core.get_axis_env().axis_sizes
+    except AttributeError:  # a JAX without this (private) view: list nothing
+        return ()
+    return tuple(n for n in names if isinstance(n, str))
+
+
+def _is_bound(name) -> bool:
+    try:
+        lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
 def _axes(axis_name):
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     if not names or not all(isinstance(n, str) for n in names):
         _fail("axis_name", f"must be a mesh axis name or a tuple of names, got {axis_name!r}",
               TypeError)
-    for n in names:
-        try:
-            lax.axis_size(n)
-        except NameError:
+    # Checked outside any `except` block, so the error is ours alone (no chained NameError).
+    missing = [n for n in names if not _is_bound(n)]
+    if missing:
+        bound = _bound_axes()
+        if bound:
             _fail("axis_name",
-                  f"names axis {n!r}, which is not bound here. The op is a collective over the "
-                  "group along that mesh axis: call it inside jax.shard_map, e.g. "
-                  "jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=P(), axis_names=...) "
-                  f"where the mesh has an axis named {n!r}.")
+                  f"names {', '.join(map(repr, missing))}, not bound here; the mesh axes bound "
+                  f"here (by the enclosing jax.shard_map) are {bound}: pass one of them (or a "
+                  "tuple of them), the mesh axis of the group whose partials the op sums.")
+        _fail("axis_name",
+              f"names {', '.join(map(repr, missing))}, but no mesh axis is bound here: the op is "
+              "a collective over the devices along that axis, so it must be traced inside "
+              "jax.shard_map, e.g. jax.jit(jax.shard_map(f, mesh=mesh, in_specs=..., "
+              f"out_specs=PartitionSpec())) over a mesh with an axis named {missing[0]!r}.")
     return names
 
 
@@ -48,12 +72,29 @@ def _static_float(arg, value):
     return float(np.float32(value))
 
 
-def _float_dtype(arg, x, allowed=_FLOAT_DTYPES):
+def _float_dtype(arg, x):
+    """T, the activation dtype, of the operand that sets it."""
     dt = jnp.dtype(x.dtype)
-    if dt not in allowed:
-        names = "/".join(str(d) for d in allowed)
-        _fail(arg, f"must have dtype {names}, got {dt}", TypeError)
+    if dt not in _FLOAT_DTYPES:
+        _fail(arg, f"must have dtype bfloat16, float16 or float32 (the activation dtype T), "
+              f"got {dt}", TypeError)
     return dt
+
+
+def _dtype_T(arg, x, T, source, or_f32=False):
+    """`x` must have dtype T (that of `source`), or float32 when or_f32."""
+    dt = jnp.dtype(x.dtype)
+    allowed = {T, jnp.dtype(jnp.float32)} if or_f32 else {T}
+    if dt not in allowed:
+        rule = f"the activation dtype T = {T} (that of `{source}`)"
+        if or_f32 and T != jnp.float32:
+            rule += " or float32"
+        _fail(arg, f"must have {rule}, got {dt}", TypeError)
+
+
+def _ndim(arg, x, ndim, what):
+    if x.ndim != ndim:
+        _fail(arg, f"must be {ndim}-D {what}, got shape {tuple(x.shape)}")
 
 
 def _shape(arg, x, shape, what):
@@ -61,13 +102,38 @@ def _shape(arg, x, shape, what):
         _fail(arg, f"must have shape {what} = {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _scalar_f32(arg, x):
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        _fail(arg, "must be a float32 scalar array (e.g. jnp.float32(s)), got "
-              f"{type(x).__name__}", TypeError)
-    if jnp.dtype(x.dtype) != jnp.float32 or tuple(x.shape) != ():
-        _fail(arg, f"must be a float32 scalar array of shape (), got {x.dtype}{list(x.shape)}",
-              TypeError)
+def _hidden_size(partial_name, partial, residual, norm_weight) -> int:
+    """H, from the partial's last dim; when `residual` and `norm_weight` agree with each
+    other on another H, the partial is the odd one out and is named."""
+    H = partial.shape[-1]
+    r = residual.shape[-1] if residual.ndim == 2 else None
+    w = norm_weight.shape[0] if norm_weight.ndim == 1 else None
+    if r is not None and r == w and r != H:
+        _fail(partial_name, f"has {H} columns but `residual` and `norm_weight` have H = {r} "
+              "(the hidden size, the last dim of each): they must agree")
+    if H <= 0 or H % 16:
+        _fail(partial_name, f"has H = {H} columns (its last dim, the hidden size); H must be a "
+              "positive multiple of 16 (SPEC §4)")
+    return H
+
+
+def _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
+                 shared_expert_out):
+    """(T, M, K, H) of an MoE call's per-rank partial operands, checked (SPEC §4)."""
+    T = _float_dtype("expert_out", expert_out)
+    _ndim("expert_out", expert_out, 2, "[P, H]")
+    _ndim("permuted_idx", permuted_idx, 2, "[M, K]")
+    if jnp.dtype(permuted_idx.dtype) != jnp.int32:
+        _fail("permuted_idx", f"must be int32, got {permuted_idx.dtype}", TypeError)
+    (M, K) = permuted_idx.shape
+    H = _hidden_size("expert_out", expert_out, residual, norm_weight)
+    if expert_scales is not None:
+        _dtype_T("expert_scales", expert_scales, T, "expert_out", or_f32=True)
+        _shape("expert_scales", expert_scales, (M, K), "[M, K]")
+    if shared_expert_out is not None:
+        _dtype_T("shared_expert_out", shared_expert_out, T, "expert_out")
+        _shape("shared_expert_out", shared_expert_out, (M, H), "[M, H]")
+    return T, M, K, H
 
 
 def _outputs(quant, outputs):
@@ -87,6 +153,7 @@ def _outputs(quant, outputs):
 
 
 def _check_quant(quant, H):
+    """The quant spec fits H (its scale was checked when the spec was made)."""
     if quant is None:
         return
     if not isinstance(quant, QUANT_TYPES):
@@ -94,21 +161,17 @@ def _check_quant(quant, H):
               f"{type(quant).__name__}", TypeError)
     if isinstance(quant, Fp8PerGroup) and H % quant.group_size != 0:
         _fail("quant", f"Fp8PerGroup.group_size={quant.group_size} must divide H={H}")
-    s = scale_operand(quant)
-    if s is not None:
-        _scalar_f32("quant." + ("scale" if hasattr(quant, "scale") else "global_scale"), s)
 
 
 def _common(residual, norm_weight, M, H, T, quant, outputs, algorithm, axis_name, eps,
-            norm_weight_offset):
+            norm_weight_offset, *, source):
+    """Checks shared by every public function; `source` names the operand that set T
+    and H (expert_out or x). Returns (outputs, axes, eps, norm_weight_offset)."""
     if algorithm not in ALGORITHMS:
         _fail("algorithm", f"must be one of {ALGORITHMS}, got {algorithm!r}")
-    if H % 16 != 0:
-        _fail("H", f"(the hidden size, last dim) must be a multiple of 16, got {H}")
-    if jnp.dtype(residual.dtype) != T:
-        _fail("residual", f"must have the activation dtype {T}, got {residual.dtype}", TypeError)
+    _dtype_T("residual", residual, T, source)
     _shape("residual", residual, (M, H), "[M, H]")
-    _float_dtype("norm_weight", norm_weight, (T, jnp.dtype(jnp.float32)))
+    _dtype_T("norm_weight", norm_weight, T, source, or_f32=True)
     _shape("norm_weight", norm_weight, (H,), "[H]")
     _check_quant(quant, H)
     outs = _outputs(quant, outputs)
@@ -138,31 +201,104 @@ def _use_xla(algorithm):
     return algorithm == "xla" or os.environ.get(FORCE_XLA_ENV, "0") not in ("", "0")
 
 
+_SHAPES_NOTE = """
+    Shapes are per rank: what the function sees inside ``jax.shard_map``. Outside, a
+    per-rank operand is one global array stacking the N ranks' blocks along axis 0
+    (``in_specs=PartitionSpec(axis_name)``); ``residual`` and ``norm_weight`` are the same
+    on every rank (``PartitionSpec()``). T is the activation dtype (bfloat16, float16 or
+    float32). N is the number of ranks in the group.
+"""
+
+_STREAM_ARGS = """
+      residual: [M, H] T. The residual stream, the same on every rank (pass it
+        replicated); added once, after the sum over ranks.
+      norm_weight: [H] T or float32. The RMSNorm weight (gamma), the same on every rank.
+      axis_name: str or tuple of str (keyword). The mesh axis of the group whose partials
+        are summed; a tuple names a group spanning several axes, ranked row-major in the
+        order given. It must be bound: call inside ``jax.shard_map`` (under ``jax.jit``)."""
+
+_KEYWORD_ARGS = """
+      eps: Python float (static, rounded to float32). RMSNorm epsilon:
+        ``norm = residual_out / sqrt(mean(residual_out**2) + eps) * gamma``.
+      norm_weight_offset: Python float (static). ``gamma = norm_weight_offset +
+        norm_weight``: 0.0 for the standard RMSNorm, 1.0 for Gemma's ``1 + w``.
+      quant: ``None`` or a spec: ``Fp8Static(scale)``, ``Fp8PerToken()``,
+        ``Fp8PerGroup(group_size=128, ue8m0=False, scale_layout="row")`` or
+        ``NvFp4(global_scale, layout="swizzled_128x4")`` — how ``norm`` is quantized for
+        the next layer's GEMM (shapes in the README table; formulas SPEC §3).
+        ``Fp8Static(0.0)`` saturates every code (``debug=True`` flags it).
+      outputs: a str or sequence from ``"residual"``, ``"norm"``, ``"quant"``: which
+        outputs to compute. Default ``("residual", "norm")``, or ``("residual",
+        "quant")`` when ``quant`` is given.
+      algorithm: ``"auto"`` (default): the fused CUDA kernel where it can serve the group
+        (Hopper GPUs with peer access), the exact C++ path on CPU, else the plain-JAX
+        path with one warning. ``"oneshot"`` / ``"twoshot"`` force a fused algorithm
+        (raise where it cannot run). ``"xla"``: plain XLA ops and ``lax.psum`` (the same
+        as ``jax_moe_ar.reference``); within tolerance of the fused op but not bit
+        for bit: it psums in T and leaves rounding order to XLA.
+      debug: bool (static, default False). True adds run-time checks of the inputs that
+        warn (``jax_moe_ar.DebugWarning``) about values users get wrong: non-finite
+        inputs, a zero or non-finite quant scale, a partial (``shared_expert_out``,
+        ``x``) equal on every rank (a replicated operand is summed N times), indices
+        outside [-1, P), tokens that no rank routes anywhere. It costs a few
+        reductions, collectives and a host callback per call; False adds nothing.
+
+    Returns:
+      ``FusedOutputs(residual, norm, quant, scale)``, equal on every rank of the group
+      and typed invariant along ``axis_name`` (like ``lax.psum``), so
+      ``out_specs=PartitionSpec()`` takes them: ``residual`` [M, H] T (the summed
+      partials plus the residual), ``norm`` [M, H] T (its RMSNorm), ``quant`` /
+      ``scale`` as the spec says; ``None`` for outputs not asked for. M = 0 gives
+      empty outputs.
+
+    Raises:
+      TypeError / ValueError at trace time naming the argument, the rule and the fix
+      (SPEC §4); RuntimeError for a forced fused algorithm that cannot run.
+
+    Transformations: ``jax.grad`` / ``jax.vjp`` flow through ``residual`` and ``norm``
+    into every floating-point operand (the backward pass is the VJP of SPEC §3's math;
+    ``quant`` and ``scale`` carry no gradient); ``jax.vmap`` over a leading batch axis
+    of the per-token operands gives the same bits as a loop.
+"""
+
+
 def moe_finalize_allreduce(expert_out, permuted_idx, residual, norm_weight, *, axis_name,
                            expert_scales=None, shared_expert_out=None, routed_scaling_factor=1.0,
                            eps=1e-6, norm_weight_offset=0.0, quant=None, outputs=None,
-                           algorithm="auto") -> FusedOutputs:
-    """Finalize this rank's MoE expert rows, all-reduce over ``axis_name``, add the residual,
-    RMSNorm and (optionally) quantize — SPEC §2/§3. Call inside ``jax.shard_map``."""
-    T = _float_dtype("expert_out", expert_out)
-    if expert_out.ndim != 2:
-        _fail("expert_out", f"must be 2-D [P, H], got shape {tuple(expert_out.shape)}")
-    if permuted_idx.ndim != 2:
-        _fail("permuted_idx", f"must be 2-D [M, K], got shape {tuple(permuted_idx.shape)}")
-    if jnp.dtype(permuted_idx.dtype) != jnp.int32:
-        _fail("permuted_idx", f"must be int32, got {permuted_idx.dtype}", TypeError)
-    (M, K), H = permuted_idx.shape, expert_out.shape[1]
-    if expert_scales is not None:
-        _float_dtype("expert_scales", expert_scales, (jnp.dtype(jnp.float32), T))
-        _shape("expert_scales", expert_scales, (M, K), "[M, K]")
-    if shared_expert_out is not None:
-        if jnp.dtype(shared_expert_out.dtype) != T:
-            _fail("shared_expert_out", f"must have the activation dtype {T}, got "
-                  f"{shared_expert_out.dtype}", TypeError)
-        _shape("shared_expert_out", shared_expert_out, (M, H), "[M, H]")
+                           algorithm="auto", debug=False) -> FusedOutputs:
+    """The end of an MoE layer as one collective: finalize, all-reduce, residual, RMSNorm, quant.
+
+    Each rank finalizes its partial: for token m,
+    ``routed_scaling_factor * sum_k expert_scales[m, k] * expert_out[permuted_idx[m, k]]
+    + shared_expert_out[m]`` (SPEC §3 gives the rounding). The partials of the N ranks are
+    summed, ``residual`` is added (output ``residual``), the sum is RMS-normalized
+    (``norm``) and, with ``quant``, quantized (``quant``, ``scale``).
+    {shapes}
+    Args:
+      expert_out: [P, H] T. This rank's expert output rows (e.g. its experts' rows, sorted
+        by expert). P, its row count, may be 0; H, the hidden size, is a positive
+        multiple of 16.
+      permuted_idx: [M, K] int32. The row of ``expert_out`` holding token m's k-th
+        expert's output on this rank, or -1 where this rank does not hold that expert.
+        Every value outside [0, P) is skipped, never read: a token all of whose indices
+        are out of range on every rank gets no routed contribution. M (tokens) may be 0.{stream}
+      expert_scales: [M, K] float32 or T, optional. The router weights, slot by slot like
+        ``permuted_idx`` (only the slots this rank holds are read); None means all 1.
+      shared_expert_out: [M, H] T, optional. This rank's *partial* of the shared expert's
+        output (e.g. the output of its slice of a tensor-parallel shared expert); summed
+        over ranks, not scaled by ``routed_scaling_factor``. A shared-expert output that
+        is replicated (the whole value on every rank) is counted N times: pass it on one
+        rank and zeros on the others, or divide it by N. None means 0.
+      routed_scaling_factor: Python float (static, rounded to float32). Multiplies the
+        routed sum once, after the top-k sum (Kimi K2, DeepSeek V3, GLM).{keywords}"""
+    T, M, K, H = _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
+                              shared_expert_out)
     rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
     outs, axes, eps, offset = _common(residual, norm_weight, M, H, T, quant, outputs, algorithm,
-                                      axis_name, eps, norm_weight_offset)
+                                      axis_name, eps, norm_weight_offset, source="expert_out")
+    if debug:
+        debug_checks.check_moe(axes, expert_out, permuted_idx, residual, norm_weight,
+                               expert_scales, shared_expert_out, quant)
     if M == 0:
         return _empty(M, H, T, quant, outs)
     if _use_xla(algorithm):
@@ -177,19 +313,29 @@ def moe_finalize_allreduce(expert_out, permuted_idx, residual, norm_weight, *, a
         routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm)
     operands = [expert_out, permuted_idx, residual, norm_weight]
     operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
-    return primitives.bind(cfg, operands, scale_operand(quant))
+    return transforms.fused(cfg, operands, scale_operand(quant))
 
 
 def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_weight_offset=0.0,
-                      quant=None, outputs=None, algorithm="auto") -> FusedOutputs:
-    """Dense variant: all-reduce this rank's partial ``x`` [M, H] over ``axis_name``, add the
-    residual, RMSNorm and (optionally) quantize. Call inside ``jax.shard_map``."""
+                      quant=None, outputs=None, algorithm="auto", debug=False) -> FusedOutputs:
+    """The dense layer end as one collective: all-reduce, residual, RMSNorm, quant.
+
+    The partials ``x`` of the N ranks (e.g. each rank's attention output projection of
+    its heads) are summed, ``residual`` is added (output ``residual``), the sum is
+    RMS-normalized (``norm``) and, with ``quant``, quantized (``quant``, ``scale``).
+    {shapes}
+    Args:
+      x: [M, H] T. This rank's partial sum. H, the hidden size, is a positive multiple of
+        16; M (tokens) may be 0. An ``x`` replicated on every rank is counted N
+        times.{stream}{keywords}"""
     T = _float_dtype("x", x)
-    if x.ndim != 2:
-        _fail("x", f"must be 2-D [M, H], got shape {tuple(x.shape)}")
-    M, H = x.shape
+    _ndim("x", x, 2, "[M, H]")
+    M = x.shape[0]
+    H = _hidden_size("x", x, residual, norm_weight)
     outs, axes, eps, offset = _common(residual, norm_weight, M, H, T, quant, outputs, algorithm,
-                                      axis_name, eps, norm_weight_offset)
+                                      axis_name, eps, norm_weight_offset, source="x")
+    if debug:
+        debug_checks.check_dense(axes, x, residual, norm_weight, quant)
     if M == 0:
         return _empty(M, H, T, quant, outs)
     if _use_xla(algorithm):
@@ -199,31 +345,10 @@ def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_wei
         dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
         has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
         norm_weight_offset=offset, algorithm=algorithm)
-    return primitives.bind(cfg, [x, residual, norm_weight], scale_operand(quant))
+    return transforms.fused(cfg, [x, residual, norm_weight], scale_operand(quant))
 
 
 # ---- reduce-scatter variants (SPEC §2.1) ------------------------------------------------
-
-def _moe_operands(expert_out, permuted_idx, expert_scales, shared_expert_out):
-    """(T, M, H) of the MoE partial's operands, checked per SPEC §4."""
-    T = _float_dtype("expert_out", expert_out)
-    if expert_out.ndim != 2:
-        _fail("expert_out", f"must be 2-D [P, H], got shape {tuple(expert_out.shape)}")
-    if permuted_idx.ndim != 2:
-        _fail("permuted_idx", f"must be 2-D [M, K], got shape {tuple(permuted_idx.shape)}")
-    if jnp.dtype(permuted_idx.dtype) != jnp.int32:
-        _fail("permuted_idx", f"must be int32, got {permuted_idx.dtype}", TypeError)
-    (M, K), H = permuted_idx.shape, expert_out.shape[1]
-    if expert_scales is not None:
-        _float_dtype("expert_scales", expert_scales, (jnp.dtype(jnp.float32), T))
-        _shape("expert_scales", expert_scales, (M, K), "[M, K]")
-    if shared_expert_out is not None:
-        if jnp.dtype(shared_expert_out.dtype) != T:
-            _fail("shared_expert_out", f"must have the activation dtype {T}, got "
-                  f"{shared_expert_out.dtype}", TypeError)
-        _shape("shared_expert_out", shared_expert_out, (M, H), "[M, H]")
-    return T, M, H
-
 
 def _scatter_rows(arg, M, H, residual, axis_name):
     """M/N, the rows each rank of the N-rank group owns; refuses M not divisible by N and
@@ -278,13 +403,17 @@ def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight,
 
     On CUDA the fused kernel runs the reduce-scatter half of two-shot with the tail on this
     rank's rows, whatever fused ``algorithm`` is asked; ``"xla"`` is the
-    ``lax.psum_scatter`` composition (within SPEC §3's tolerance, not exact).
+    ``lax.psum_scatter`` composition (within SPEC §3's tolerance, not exact), and the one
+    to differentiate: the fused variants have no gradient rule yet (they raise under
+    ``jax.grad``); ``jax.vmap`` runs them as a loop.
     """
-    T, M, H = _moe_operands(expert_out, permuted_idx, expert_scales, shared_expert_out)
+    T, M, K, H = _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
+                              shared_expert_out)
     rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
     rows = _scatter_rows("permuted_idx", M, H, residual, axis_name)
     outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
-                                      algorithm, axis_name, eps, norm_weight_offset)
+                                      algorithm, axis_name, eps, norm_weight_offset,
+                                      source="expert_out")
     if M == 0:
         return _empty_varying(0, H, T, quant, outs, axes,
                               (expert_out, permuted_idx, residual, expert_scales,
@@ -302,7 +431,7 @@ def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight,
         scatter=True)
     operands = [expert_out, permuted_idx, residual, norm_weight]
     operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
-    return primitives.bind(cfg, operands, scale_operand(quant))
+    return transforms.fused(cfg, operands, scale_operand(quant))
 
 
 def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
@@ -310,15 +439,15 @@ def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
                            algorithm="auto") -> FusedOutputs:
     """Dense variant: reduce-scatter this rank's partial ``x`` [M, H] over ``axis_name``,
     add this rank's residual rows [M/N, H], RMSNorm and (optionally) quantize — SPEC §2.1.
-    Same keywords as ``allreduce_rmsnorm``; rows, typing and the CUDA path as in
-    ``moe_finalize_reduce_scatter``. Call inside ``jax.shard_map``."""
+    Same keywords as ``allreduce_rmsnorm``; rows, typing, the CUDA path and the
+    transformations as in ``moe_finalize_reduce_scatter``. Call inside ``jax.shard_map``."""
     T = _float_dtype("x", x)
-    if x.ndim != 2:
-        _fail("x", f"must be 2-D [M, H], got shape {tuple(x.shape)}")
-    M, H = x.shape
+    _ndim("x", x, 2, "[M, H]")
+    M = x.shape[0]
+    H = _hidden_size("x", x, residual, norm_weight)
     rows = _scatter_rows("x", M, H, residual, axis_name)
     outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
-                                      algorithm, axis_name, eps, norm_weight_offset)
+                                      algorithm, axis_name, eps, norm_weight_offset, source="x")
     if M == 0:
         return _empty_varying(0, H, T, quant, outs, axes, (x, residual))
     if _use_xla(algorithm):
@@ -329,4 +458,13 @@ def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
         dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
         has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
         norm_weight_offset=offset, algorithm=algorithm, scatter=True)
-    return primitives.bind(cfg, [x, residual, norm_weight], scale_operand(quant))
+    return transforms.fused(cfg, [x, residual, norm_weight], scale_operand(quant))
+
+
+def _fill_doc(fn, **parts):
+    if fn.__doc__:  # None under python -OO
+        fn.__doc__ = fn.__doc__.format(**parts)
+
+
+for _fn in (moe_finalize_allreduce, allreduce_rmsnorm):
+    _fill_doc(_fn, shapes=_SHAPES_NOTE, stream=_STREAM_ARGS, keywords=_KEYWORD_ARGS)

@@ -155,10 +155,20 @@ fused_p.def_effectful_abstract_eval(_abstract_eval)
 
 
 def bind(cfg: OpConfig, operands, quant_scale) -> FusedOutputs:
+    return unpack(cfg, fused_p.bind(*operand_list(cfg, operands, quant_scale), cfg=cfg))
+
+
+def operand_list(cfg: OpConfig, operands, quant_scale) -> list:
+    """The primitive's operands: `operands` then the quant scale when the kind takes one."""
     args = list(operands)
     if cfg.quant is not None and cfg.quant.takes_scale_input:
         args.append(quant_scale)
-    results = iter(fused_p.bind(*args, cfg=cfg))
+    return args
+
+
+def unpack(cfg: OpConfig, results) -> FusedOutputs:
+    """The primitive's results as FusedOutputs (None where not asked for)."""
+    results = iter(results)
     res = next(results) if "residual" in cfg.outputs else None
     norm = next(results) if "norm" in cfg.outputs else None
     codes = next(results) if cfg.quant is not None else None
@@ -236,12 +246,32 @@ _cpu_lowering = mlir.lower_fun(_cpu_impl, multiple_results=True)
 
 _warned: set[str] = set()
 
+
+# Why a program that contains the fused CUDA call can't be serialized.
+EXPORT_REASON = (
+    "jax.export of the fused CUDA call: the call is bound to an exchange workspace (peer-mapped "
+    "GPU buffers) that belongs to the process that lowers it, so a serialized program could "
+    "not run anywhere else")
+
+
+def _for_export(ctx) -> bool:
+    params = getattr(ctx.module_context, "lowering_parameters", None)
+    return bool(getattr(params, "for_export", False))
+
+
 def _cuda_lowering(ctx, *args, cfg: OpConfig):
     res = _residual_aval(cfg, ctx.avals_in)
     H, T = res.shape[1], jnp.dtype(res.dtype)
     # Rows of the partial: every token (M), also for a reduce-scatter, whose residual
     # and results hold only this rank's M/N.
     M = ctx.avals_in[0 if cfg.dense else 1].shape[0]
+    if _for_export(ctx):
+        if cfg.algorithm != "auto":
+            raise ValueError(
+                f"jax_moe_ar: algorithm={cfg.algorithm!r} can't be exported: {EXPORT_REASON}. "
+                "Export with algorithm='auto' or 'xla' (the exported program then uses plain "
+                "XLA ops and lax.psum on CUDA, and is portable).")
+        return _fallback(ctx, args, cfg, EXPORT_REASON + "; the exported program uses it instead")
     largest = max(int(np.prod(a.shape)) for a in ctx.avals_in)
     plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm,
                           largest)
@@ -250,13 +280,19 @@ def _cuda_lowering(ctx, *args, cfg: OpConfig):
             raise RuntimeError(
                 f"jax_moe_ar: algorithm={cfg.algorithm!r} cannot run here: {plan.reason}. "
                 "Use algorithm='auto' to fall back to the plain-JAX path, or 'xla'.")
-        if plan.reason not in _warned:
-            _warned.add(plan.reason)
-            warnings.warn(f"jax_moe_ar: using the plain-JAX (xla) path: {plan.reason}",
-                          RuntimeWarning, stacklevel=2)
-        return _xla_lowering(ctx, *args, cfg=cfg)
+        return _fallback(ctx, args, cfg, plan.reason)
     return jax.ffi.ffi_lowering(TARGET_FUSED)(
         ctx, *args, **cfg.attributes(plan.workspace_id, plan.algorithm_code))
+
+
+def _fallback(ctx, args, cfg: OpConfig, reason: str):
+    """algorithm="auto" where the kernel can't serve: the plain-JAX path, one warning per
+    reason."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"jax_moe_ar: using the plain-JAX (xla) path: {reason}",
+                      RuntimeWarning, stacklevel=3)
+    return _xla_lowering(ctx, *args, cfg=cfg)
 
 
 def _register():

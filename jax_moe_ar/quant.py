@@ -28,27 +28,61 @@ KIND_FP8_PER_GROUP = QUANT_KINDS["fp8_per_group"]
 KIND_NVFP4 = QUANT_KINDS["nvfp4"]
 
 
+def checked_scale(owner: str, field: str, value):
+    """A quant spec's scale as the op takes it: a float32 scalar array (a traced one too).
+
+    Python numbers (and NumPy float64 scalars, which are Python floats) are rounded to
+    float32 (SPEC §4); None and anything else are refused naming the field."""
+    name = f"`{owner}.{field}`"
+    if value is None:
+        raise TypeError(f"jax_moe_ar: {name} is None; pass the scale as a Python float "
+                        f"(e.g. {owner}(0.02)) or a float32 scalar array (jnp.float32(s))")
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return np.float32(value)
+    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        raise TypeError(f"jax_moe_ar: {name} must be a Python float or a float32 scalar array, "
+                        f"got {type(value).__name__}")
+    if np.dtype(value.dtype) != np.float32 or tuple(value.shape) != ():
+        raise TypeError(f"jax_moe_ar: {name} must be a float32 scalar (shape ()), got "
+                        f"{np.dtype(value.dtype)}{list(value.shape)}; pass a Python float or "
+                        "jnp.float32(s) (a one-element array: reshape it to ())")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Fp8Static:
-    """float8_e4m3fn codes with a caller-given dequant scale ``scale`` (float32 scalar array)."""
+    """float8_e4m3fn codes with a caller-given dequant scale.
+
+    ``scale`` is the dequant scale s (code * s = value): a Python float (rounded to
+    float32) or a float32 scalar array, traced or not; the same on every rank. Values
+    beyond 448 * s saturate to ±448. ``scale = 0`` makes every code saturate (its
+    reciprocal is inf; a zero input gives NaN): ``debug=True`` flags it.
+    """
 
     scale: Any
     kind = KIND_FP8_STATIC
 
+    def __post_init__(self):
+        object.__setattr__(self, "scale", checked_scale("Fp8Static", "scale", self.scale))
+
 
 @dataclasses.dataclass(frozen=True)
 class Fp8PerToken:
-    """float8_e4m3fn codes, one float32 scale per token: ``scale`` output [M, 1]."""
+    """float8_e4m3fn codes [M, H], one float32 scale per token: the ``scale`` output [M, 1],
+    ``max(amax of the token's row, 1e-10) / 448``."""
 
     kind = KIND_FP8_PER_TOKEN
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8PerGroup:
-    """float8_e4m3fn codes, one float32 scale per ``group_size`` columns of a token.
+    """float8_e4m3fn codes [M, H], one float32 scale per ``group_size`` columns of a token.
 
-    ``ue8m0=True`` rounds each scale up to a power of two. ``scale_layout`` is
-    ``"row"`` ([M, H/group_size]) or ``"col"`` ([H/group_size, M], DeepGEMM-style).
+    ``group_size`` (int, default 128): columns per scale; it must divide H. Each scale is
+    ``max(amax of the group, 1e-10) / 448``. ``ue8m0`` (bool, default False): round each
+    scale up to a power of two (the UE8M0 scales of DeepSeek-style FP8 GEMMs).
+    ``scale_layout``: ``"row"`` (default) for scales [M, H/group_size], ``"col"`` for their
+    transpose [H/group_size, M] (DeepGEMM-style consumers).
     """
 
     group_size: int = 128
@@ -69,8 +103,10 @@ class Fp8PerGroup:
 class NvFp4:
     """NVFP4: e2m1 codes (two per byte) and one e4m3 scale per 16 columns.
 
-    ``global_scale`` (float32 scalar array) is the encode scale g, typically
-    448 * 6 / amax. ``layout`` of the block scales: ``"swizzled_128x4"``
+    ``global_scale`` is the encode scale g, typically 448 * 6 / amax of the normed
+    activations: a Python float (rounded to float32) or a float32 scalar array, traced or
+    not; the same on every rank. Codes [M, H/2] uint8 (two e2m1 codes per byte, the even
+    column in the low nibble). ``layout`` of the block scales: ``"swizzled_128x4"``
     ([roundup(M,128), roundup(H/16,4)], 128x4 tile order, zero padding) or
     ``"linear"`` ([M, H/16]).
     """
@@ -80,6 +116,8 @@ class NvFp4:
     kind = KIND_NVFP4
 
     def __post_init__(self):
+        object.__setattr__(self, "global_scale",
+                           checked_scale("NvFp4", "global_scale", self.global_scale))
         if self.layout not in ("swizzled_128x4", "linear"):
             raise ValueError(
                 f"NvFp4.layout must be 'swizzled_128x4' or 'linear', got {self.layout!r}")
@@ -96,6 +134,11 @@ class FusedOutputs(NamedTuple):
     norm: jax.Array | None
     quant: jax.Array | None
     scale: jax.Array | None
+
+
+# So that jax.export can serialize programs that return FusedOutputs.
+jax.export.register_namedtuple_serialization(FusedOutputs,
+                                             serialized_name="jax_moe_ar.FusedOutputs")
 
 
 def _round_up(x: int, m: int) -> int:

@@ -6,6 +6,7 @@ data itself. The "xla" algorithm lowers to an all-reduce; the CPU lowering is
 finalize (FFI) -> all_gather -> tail (FFI)."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -316,19 +317,23 @@ def test_zero_tokens_lower_to_nothing():
 
 
 def test_cuda_export_single_and_multi_platform():
-    """jax.export for ("cuda",) and ("cpu", "cuda") (the custom targets have no
+    """jax.export for ("cuda",) and ("cpu", "cuda"): the fused CUDA call is bound to a
+    process's exchange workspace, so an exported program uses the plain-JAX path on CUDA
+    (with one warning); the CPU handlers are exported (their custom targets have no
     compatibility guarantee, so their check is disabled explicitly)."""
     from jax import export
     f, args = program(N4, scales=True, quant=Q.nvfp4(600.0))
-    dc = [export.DisabledSafetyCheck.custom_call(t) for t in (FUSED, CPU_FINALIZE, CPU_TAIL)]
-    ex = export.export(f, platforms=["cuda"], disabled_checks=dc)(*args)
+    dc = [export.DisabledSafetyCheck.custom_call(t) for t in (CPU_FINALIZE, CPU_TAIL)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tests/test_export.py checks it
+        ex = export.export(f, platforms=["cuda"])(*args)
     text = ex.mlir_module()
-    assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
+    assert FUSED not in text and "all_reduce" in text
     ex2 = export.export(f, platforms=["cpu", "cuda"], disabled_checks=dc)(*args)
     text2 = ex2.mlir_module()
-    assert FUSED in text2 and CPU_FINALIZE in text2 and CPU_TAIL in text2
+    assert FUSED not in text2 and CPU_FINALIZE in text2 and CPU_TAIL in text2
     with pytest.raises(ValueError, match="custom call"):
-        export.export(f, platforms=["cuda"])(*args)
+        export.export(f, platforms=["cpu"])(*args)
 
 
 # ----------------------------------------------------------------------- CPU lowering

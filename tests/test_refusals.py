@@ -161,7 +161,7 @@ def test_expert_scales_T_or_f32_accepted(mesh):
 @pytest.mark.parametrize("what,kw,arg", [
     ("residual M", dict(res=S((M + 1, H), jnp.bfloat16)), "residual"),
     ("residual H", dict(res=S((M, H + 16), jnp.bfloat16)), "residual"),
-    ("expert_out H", dict(eo=S((P, H + 16), jnp.bfloat16)), "residual"),
+    ("expert_out H", dict(eo=S((P, H + 16), jnp.bfloat16)), "expert_out"),
     ("scales K", dict(scales=S((M, K + 1), jnp.float32)), "expert_scales"),
     ("scales M", dict(scales=S((M + 1, K), jnp.float32)), "expert_scales"),
     ("shared H", dict(shared=S((M, H + 16), jnp.bfloat16)), "shared_expert_out"),
@@ -208,14 +208,15 @@ def test_per_group_default_128_needs_H_multiple_of_128(mesh):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: 0.5,                                  # python float
     lambda: jnp.float16(0.5),                     # float16 array
     lambda: jnp.bfloat16(0.5),
     lambda: jnp.ones((1,), jnp.float32),          # shape (1,)
     lambda: jnp.ones((1, 1), jnp.float32),
-    lambda: np.float64(0.5),                      # numpy float64 scalar
+    lambda: np.array(0.5),                        # float64 0-d array
     lambda: jnp.int32(1),
-], ids=["pyfloat", "f16", "bf16", "shape1", "shape11", "np_f64", "int32"])
+    lambda: None,
+    lambda: "0.5",
+], ids=["f16", "bf16", "shape1", "shape11", "np_f64_0d", "int32", "none", "str"])
 @pytest.mark.parametrize("kind", ["fp8_static", "nvfp4"])
 def test_scale_not_float32_scalar_refused(mesh, kind, make):
     name = "scale" if kind == "fp8_static" else "global_scale"
@@ -227,8 +228,9 @@ def test_scale_not_float32_scalar_refused(mesh, kind, make):
 
 
 @pytest.mark.parametrize("make", [lambda: jnp.float32(0.5), lambda: np.float32(0.5),
-                                  lambda: np.array(0.5, np.float32)],
-                         ids=["jnp", "np_scalar", "np_0d"])
+                                  lambda: np.array(0.5, np.float32), lambda: 0.5, lambda: 2,
+                                  lambda: np.float64(0.5)],
+                         ids=["jnp", "np_scalar", "np_0d", "pyfloat", "pyint", "np_f64"])
 def test_scale_float32_scalar_accepted(mesh, make):
     trace_moe(mesh, quant=mar.Fp8Static(make()))
     trace_moe(mesh, quant=mar.NvFp4(make()))
