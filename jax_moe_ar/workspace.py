@@ -36,6 +36,29 @@ ALGO_ONESHOT, ALGO_TWOSHOT = ALGORITHMS["oneshot"], ALGORITHMS["twoshot"]
 # Static shapes only: every rank decides alike.
 TWOSHOT_MIN_BYTES = 704 * 1024
 
+# `auto` takes the plain-JAX ("xla") path where the project's last committed
+# measurements show the fused kernel slower than "xla" (SPEC §5), by group size: the
+# bytes of one rank's partial (M * H * bytes(T)) from which "xla" wins, without and with
+# quantized outputs; None where the fused kernel won at every size measured. From
+# docs/perf.md (the multi-GPU issue re-derives the rows for groups of two and more):
+#   1 rank (v6, 1xH200): the kernel alone (harness, graph replay) took 5.5, 6.3, 15.6 and
+#     178 us at M = 1, 32, 128 and 2048 (H = 7168 bf16), where the "xla" program took
+#     2.2, 4.0, 7.1 and 80 us per call (bench, 2026-12-01): slower at every M.
+#   2 ranks (v4 bench, 2xH200): fused 1.02-2.46x "xla" at every M and format.
+#   3+ ranks (v3 bench, 4xH200, two-shot): without quant 1.19x at M = 512 and 0.95x at
+#     2048, the gap zero near M = 1700 (24 MiB at H = 7168 bf16); with FP8 or NVFP4
+#     outputs 1.05-1.07x at 512 and 0.77-0.78x at 2048, zero near M = 800 (11 MiB).
+AUTO_XLA_FROM_BYTES = {1: (0, 0), 2: (None, None)}
+AUTO_XLA_FROM_BYTES_MANY = (24 << 20, 11 << 20)
+
+
+def auto_prefers_xla(ranks: int, partial_bytes: int, quantized: bool) -> bool:
+    """Whether `auto` runs "xla" for a group of `ranks` whose per-rank partial holds
+    `partial_bytes` (static shapes only: every rank decides alike)."""
+    limits = AUTO_XLA_FROM_BYTES.get(ranks, AUTO_XLA_FROM_BYTES_MANY)
+    limit = limits[1 if quantized else 0]
+    return limit is not None and partial_bytes >= limit
+
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
 

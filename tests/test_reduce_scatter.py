@@ -518,8 +518,10 @@ def test_cuda_fused_lowering(mc, kw):
 
 
 def test_cuda_fused_lowering_group_of_one():
-    text = cuda_text(N1, M=5)
+    """Forced: the kernel; `auto`: plain JAX for a group of one (workspace's table)."""
+    text = cuda_text(N1, M=5, algorithm="oneshot")
     assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
+    assert FUSED not in cuda_text(N1, M=5)
 
 
 def test_cuda_xla_algorithm_lowers_to_reduce_scatter():
