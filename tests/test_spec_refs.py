@@ -116,7 +116,7 @@ def _named(cell: str, base: str) -> list[tuple[Path, list[str]]]:
 
 def test_implementation_table_names_exist():
     rows = _table_rows(SPEC.read_text(encoding="utf-8"))
-    bases = ("tests/oracle.py", "csrc/common", "jax_moe_ar")
+    bases = ("tests/oracle.py", "csrc/common", "src/jax_moe_ar")
     missing, checked = [], 0
     for row in rows:
         assert len(row) == 4, f"row should have 4 cells: {row}"

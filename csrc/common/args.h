@@ -11,7 +11,7 @@
 namespace mar {
 
 struct LayerArgs {
-  // Operands (SPEC §2), in the order jax_moe_ar/primitives.py passes them.
+  // Operands (SPEC §2), in the order src/jax_moe_ar/primitives.py passes them.
   const void* partial = nullptr;      // expert_out [P, H]; dense: x [M, H]; CPU tail: wires [N, M, H]
   const int32_t* idx = nullptr;       // permuted_idx [M, K] (MoE only)
   const void* residual = nullptr;     // [M, H] T

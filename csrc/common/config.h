@@ -1,7 +1,7 @@
 // The op's static configuration and every number or name that Python and C++
 // share: quant kinds, option flags, algorithm codes, limits and custom-call
 // target names. Each is defined here once; module.cc exports the lists below
-// to Python (jax_moe_ar/_contract.py reads them), so neither side copies the
+// to Python (src/jax_moe_ar/_contract.py reads them), so neither side copies the
 // other. Plain data: no XLA or CUDA types.
 #pragma once
 

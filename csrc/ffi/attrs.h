@@ -16,7 +16,7 @@ namespace mar::ffi_glue {
 namespace ffi = xla::ffi;
 
 // One attribute struct for every handler. Names are the attribute names the
-// lowering emits (jax_moe_ar/primitives.py, OpConfig.attributes).
+// lowering emits (src/jax_moe_ar/primitives.py, OpConfig.attributes).
 struct OpAttrs {
   int32_t quant;
   int32_t flags;
@@ -66,7 +66,7 @@ inline ffi::Error invalid(const std::string& what) {
 
 // Decodes args/rets into *a and returns the activation dtype T. Checks the
 // counts and the dtypes the kernels rely on; the shapes were checked when the
-// program was traced (jax_moe_ar/ops.py).
+// program was traced (src/jax_moe_ar/ops.py).
 inline ffi::ErrorOr<DType> decode_call(const ffi::RemainingArgs& args,
                                        const ffi::RemainingRets& rets, const OpAttrs& attrs,
                                        Stage stage, LayerArgs* a) {
