@@ -1,0 +1,273 @@
+"""What the processes of a multi-process test run (jax_moe_ar.testing.run_process_group):
+cases of tests/cases.py over meshes that span processes, returning each process's shards
+of the outputs, which the test assembles and checks against the oracle. Nothing here
+touches a jax backend at import time (jax.distributed is initialized after the import).
+
+A spec is (name, MeshCase, gen_case keyword arguments, seed, run options); every process
+generates the same case from the seed, so each holds the same global inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import cases
+from jax_moe_ar.testing import MeshCase  # noqa: F401  (specs carry MeshCases)
+
+FIELDS = ("residual", "norm", "quant", "scale")
+
+
+def spec(name, mc, seed, *, algorithm="auto", per_rank=True, scale_operand=False,
+         devices=None, **gen):
+    """A case to run: `devices` picks the mesh's devices (positions in jax.devices(), in
+    mesh order; default the first mc.size), e.g. one device of each process."""
+    return (name, mc, gen, seed, dict(algorithm=algorithm, per_rank=per_rank,
+                                      scale_operand=scale_operand, devices=devices))
+
+
+def make_case(s):
+    name, mc, gen, seed, _ = s
+    return cases.gen_case(np.random.default_rng(seed), mc, **gen)
+
+
+def _index(idx, shape):
+    return tuple(sl.indices(n)[:2] for sl, n in zip(idx, shape))
+
+
+def local_shards(out) -> dict:
+    """Per output field: (global shape, [(index as (start, stop) per dim, data)]) of the
+    shards this process holds, or None."""
+    res = {}
+    for f in FIELDS:
+        a = getattr(out, f)
+        if a is None:
+            res[f] = None
+            continue
+        res[f] = (tuple(a.shape), [(_index(s.index, a.shape), np.asarray(s.data))
+                                   for s in a.addressable_shards])
+    return res
+
+
+def mesh_for(mc, devices=None, platform="cpu"):
+    import jax
+    from jax_moe_ar.testing import make_mesh
+    if devices is None:
+        return make_mesh(platform, mc)
+    all_devices = jax.devices()
+    grid = np.array([all_devices[i] for i in devices], dtype=object).reshape(mc.shape)
+    return jax.sharding.Mesh(grid, mc.names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mc.names))
+
+
+def run_specs(specs, platform="cpu"):
+    """Runs each spec's case once; returns {name: local shards}."""
+    out = {}
+    for s in specs:
+        name, mc, _, _, opts = s
+        opts = dict(opts)
+        mesh = mesh_for(mc, opts.pop("devices"), platform)
+        f, args = cases.build(make_case(s), mc, mesh, **opts)
+        out[name] = local_shards(f(*args))
+    return out
+
+
+def assemble(per_process: list, name: str) -> dict:
+    """The global outputs of spec `name` from every process's shards; replicas of one
+    index must be bit-identical (they are copies held by different ranks)."""
+    got = {}
+    for f in FIELDS:
+        parts = [p[name][f] for p in per_process]
+        if parts[0] is None:
+            got[f] = None
+            continue
+        shape = parts[0][0]
+        full, seen = None, None
+        for _, shards in parts:
+            for index, data in shards:
+                if full is None:
+                    full = np.zeros(shape, data.dtype)
+                    seen = np.zeros(shape, bool)
+                sl = tuple(slice(a, b) for a, b in index)
+                if seen[sl].any():
+                    assert np.array_equal(cases.bits(full[sl]), cases.bits(data)), \
+                        f"{name}: {f}: two processes hold different copies of {index}"
+                full[sl] = data
+                seen[sl] = True
+        assert seen.all(), f"{name}: {f}: no process held part of the output"
+        got[f] = full
+    return got
+
+
+def check_spec(per_process: list, s) -> None:
+    """Checks spec s against the oracle: every group, and with per_rank every rank's copy."""
+    name, mc, _, _, opts = s
+    case = make_case(s)
+    got = assemble(per_process, name)
+    n_groups = len(case.groups)
+    if opts["per_rank"]:
+        by_group = [[None] * case.N for _ in range(n_groups)]
+        for d, (g, r) in enumerate(cases.device_layout(mc)):
+            by_group[g][r] = {k: (None if v is None else v[d]) for k, v in got.items()}
+        for g, ranks in enumerate(by_group):
+            cases.assert_ranks_identical(ranks, f"{name} group {g}")
+            cases.check_against_oracle(ranks[0], case, g)
+    else:
+        for g in range(n_groups):
+            out = {k: (None if v is None else np.split(v, n_groups, axis=0)[g])
+                   for k, v in got.items()}
+            cases.check_against_oracle(out, case, g)
+
+
+# ---- fault scenarios ------------------------------------------------------------------
+
+def _error_of(specs):
+    try:
+        run_specs(specs)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def fault_sequence(good, skipper: int):
+    """In order, in every process: a good call (shards returned); a call whose M differs
+    by process and one whose mesh order differs by process (each must raise the
+    agreement's RuntimeError everywhere); the good call again (the processes are still in
+    step); then every process but `skipper` lowers a call that `skipper` never lowers
+    (each must raise the key-value timeout's RuntimeError; `skipper` waits for them to
+    finish before it leaves). Returns a dict of shards and error texts."""
+    import jax
+    from jax._src import distributed
+    me = jax.process_index()
+    name, mc, gen, seed, opts = good
+    out = {"first": run_specs([good])}
+    out["shape_mismatch"] = _error_of([(name + "_m", mc, dict(gen, M=gen["M"] + me), seed,
+                                        opts)])
+    order = opts["devices"] or list(range(mc.size))
+    out["mesh_mismatch"] = _error_of([(name + "_o", mc, gen, seed,
+                                       dict(opts, devices=order[::-1] if me else order))])
+    out["again"] = run_specs([(name + "_again", mc, gen, seed, opts)])
+    client = distributed.global_state.client
+    if me == skipper:
+        for p in range(jax.process_count()):
+            if p != skipper:
+                client.blocking_key_value_get(f"test/skip/done/{p}", 120_000)
+        out["timeout"] = None
+    else:
+        out["timeout"] = _error_of([(name + "_t", mc, dict(gen, M=gen["M"] + 1), seed, opts)])
+        client.key_value_set(f"test/skip/done/{me}", "1")
+    return out
+
+
+def specs_then_faults(specs, good, skipper: int):
+    """run_specs(specs), bootstrap_scenarios(), then fault_sequence(good, skipper), in one
+    process group."""
+    return {"specs": run_specs(specs), "bootstrap": bootstrap_scenarios(),
+            "faults": fault_sequence(good, skipper)}
+
+
+def fail_in(bad: int):
+    """Process `bad` raises; the others return 0 (for the launcher's own test)."""
+    import jax
+    if jax.process_index() == bad:
+        return 1 / 0
+    return 0
+
+
+# ---- the CUDA bootstrap's decisions, with a recording stand-in for the native module ----
+
+class _Dev:
+    """What plan_shared reads of a jax device."""
+
+    def __init__(self, id, process_index, local_hardware_id):
+        self.id, self.process_index = id, process_index
+        self.local_hardware_id = local_hardware_id if process_index == _me() else None
+
+
+class _Mesh:
+    def __init__(self, devices, names):
+        self.devices, self.axis_names = np.array(devices, dtype=object), names
+        self.shape = dict(zip(names, self.devices.shape))
+
+
+def _me():
+    import jax
+    return jax.process_index()
+
+
+class RecordingNative:
+    """Stands in for jax_moe_ar._native's CUDA workspace calls (this machine has no GPU):
+    records what the bootstrap asks for and answers like the real module would."""
+
+    def __init__(self, uuids, fail_attach=None):
+        self.uuids, self.fail_attach, self.calls, self.next = uuids, fail_attach, [], 0
+
+    def device_uuids(self):
+        return list(self.uuids)
+
+    def grid_cap(self, ordinal, sharing):
+        return 132 // sharing - _me()  # differs by process: the group takes the minimum
+
+    def ipc_create(self, ranks, slot_bytes, timeout_s):
+        self.next += 1
+        ws = 1000 * (_me() + 1) + self.next
+        self.calls.append(("create", ws, [tuple(r) for r in ranks], slot_bytes))
+        return ws, [bytes([_me(), r[0]]) * 64 for r in ranks]
+
+    def ipc_attach(self, ws, peers, group_sms):
+        self.calls.append(("attach", ws, [[(i, h.hex(), o) for i, h, o in p] for p in peers],
+                           list(group_sms)))
+        if self.fail_attach:
+            raise RuntimeError(self.fail_attach)
+
+    def ipc_commit(self, ws):
+        self.calls.append(("commit", ws))
+
+    def ipc_discard(self, ws):
+        self.calls.append(("discard", ws))
+
+
+def bootstrap_scenarios():
+    """Runs jax_moe_ar.multiprocess.plan_shared (the CUDA path's cross-process bootstrap)
+    in every process against a RecordingNative, over made-up GPU layouts; returns per
+    scenario (plan result, recorded native calls)."""
+    from jax_moe_ar import multiprocess as mp
+    me = _me()
+    real_native, real_host = mp._native, mp.host_id
+    out = {}
+
+    def run(name, devices, uuids, slot=1 << 20, reason=None, host=None, fail=None,
+            names=("tp",), shape=None):
+        mp._native = RecordingNative(uuids, fail)
+        mp.host_id = (lambda: host) if host else real_host
+        try:
+            grid = np.empty(len(devices), dtype=object)
+            grid[:] = devices
+            mesh = _Mesh(grid if shape is None else grid.reshape(shape), names)
+            from jax_moe_ar.workspace import device_groups
+            groups = device_groups(mesh, ("tp",))
+            res = mp.plan_shared(mesh, ("tp",), groups, slot, "call", reason, 1 << 21, 5.0)
+            out[name] = (res, mp._native.calls)
+        finally:
+            mp._native, mp.host_id = real_native, real_host
+
+    # Two processes, one GPU each (distinct GPUs of one host): a two-rank group.
+    two = [_Dev(10, 0, 0), _Dev(11, 1, 0)]
+    run("one_gpu_each", two, [f"gpu{me}"])
+    run("reuse", two, [f"gpu{me}"], slot=1 << 19)          # fits the first: no new rounds
+    # Both processes on the same GPU (uuid equal): each rank gets half the SMs.
+    run("shared_gpu", [_Dev(20, 0, 0), _Dev(21, 1, 0)], ["gpuX"])
+    # 2 processes x 2 GPUs, dp x tp with tp across processes: two groups of one rank in
+    # each process; with tp within processes the groups would not span.
+    grid = [_Dev(30, 0, 0), _Dev(31, 0, 1), _Dev(32, 1, 0), _Dev(33, 1, 1)]
+    run("two_by_two", grid, [f"gpu{me}a", f"gpu{me}b"], names=("tp", "dp"), shape=(2, 2))
+    # A group over 4 GPUs of 2 processes: local peers and remote ones in one group.
+    run("four_ranks", [_Dev(40, 0, 0), _Dev(41, 0, 1), _Dev(42, 1, 0), _Dev(43, 1, 1)],
+        [f"gpu{me}a", f"gpu{me}b"])
+    # Refusals, the same in every process: hosts differ; one process cannot serve; one
+    # process cannot open its peers.
+    run("two_hosts", [_Dev(50, 0, 0), _Dev(51, 1, 0)], ["g"], host=f"node{me}/boot{me}")
+    run("local_reason", [_Dev(60, 0, 0), _Dev(61, 1, 0)], ["g"],
+        reason="GPU 0 has compute capability 8.0" if me == 0 else None)
+    run("attach_fails", [_Dev(70, 0, 0), _Dev(71, 1, 0)], [f"gpu{me}"],
+        fail="GPU 0 cannot access GPU 1's memory (no peer access)" if me == 1 else None)
+    return out
