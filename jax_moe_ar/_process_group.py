@@ -118,6 +118,11 @@ def run_process_group(fn: Callable, n_processes: int, *, args: Sequence = (),
             break
         if any(c not in (None, 0) for c in codes):
             deadline = min(deadline, time.monotonic() + grace_s)
+            # Those still running but done (result written) only wait for the failed
+            # one at the exit barrier: end them now.
+            if all(c is not None or os.path.exists(os.path.join(work, f"result{i}.pkl"))
+                   for i, c in enumerate(codes)):
+                deadline = time.monotonic()
         if time.monotonic() > deadline:
             for i, (p, _) in enumerate(procs):
                 if p.poll() is None:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 import cases
-from jax_moe_ar.testing import MeshCase  # noqa: F401  (specs carry MeshCases)
 
 FIELDS = ("residual", "norm", "quant", "scale")
 
 
 def spec(name, mc, seed, *, algorithm="auto", per_rank=True, scale_operand=False,
-         devices=None, **gen):
+         devices=None, expect_fused=False, **gen):
     """A case to run: `devices` picks the mesh's devices (positions in jax.devices(), in
-    mesh order; default the first mc.size), e.g. one device of each process."""
+    mesh order; default the first mc.size), e.g. one device of each process;
+    `expect_fused` checks that the program holds the fused custom call and no XLA
+    collective."""
     return (name, mc, gen, seed, dict(algorithm=algorithm, per_rank=per_rank,
-                                      scale_operand=scale_operand, devices=devices))
+                                      scale_operand=scale_operand, devices=devices,
+                                      expect_fused=expect_fused))
 
 
 def make_case(s):
@@ -59,15 +61,30 @@ def mesh_for(mc, devices=None, platform="cpu"):
                              axis_types=(jax.sharding.AxisType.Auto,) * len(mc.names))
 
 
+FUSED_TARGET = "jax_moe_ar_fused_v1"
+XLA_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "collective_permute")
+
+
+def program(s, platform="cpu"):
+    """(jitted program, numpy arguments) of spec s."""
+    name, mc, _, _, opts = s
+    opts = dict(opts)
+    expect_fused = opts.pop("expect_fused")
+    mesh = mesh_for(mc, opts.pop("devices"), platform)
+    f, args = cases.build(make_case(s), mc, mesh, **opts)
+    if expect_fused:
+        text = f.lower(*args).as_text()
+        assert FUSED_TARGET in text, f"{name}: the program has no fused call"
+        assert not any(c in text for c in XLA_COLLECTIVES), f"{name}: an XLA collective"
+    return f, args
+
+
 def run_specs(specs, platform="cpu"):
     """Runs each spec's case once; returns {name: local shards}."""
     out = {}
     for s in specs:
-        name, mc, _, _, opts = s
-        opts = dict(opts)
-        mesh = mesh_for(mc, opts.pop("devices"), platform)
-        f, args = cases.build(make_case(s), mc, mesh, **opts)
-        out[name] = local_shards(f(*args))
+        f, args = program(s, platform)
+        out[s[0]] = local_shards(f(*args))
     return out
 
 
@@ -120,15 +137,15 @@ def check_spec(per_process: list, s) -> None:
 
 # ---- fault scenarios ------------------------------------------------------------------
 
-def _error_of(specs):
+def _error_of(specs, platform="cpu"):
     try:
-        run_specs(specs)
+        run_specs(specs, platform)
     except RuntimeError as e:
         return str(e)
     return None
 
 
-def fault_sequence(good, skipper: int):
+def fault_sequence(good, skipper: int, platform="cpu"):
     """In order, in every process: a good call (shards returned); a call whose M differs
     by process and one whose mesh order differs by process (each must raise the
     agreement's RuntimeError everywhere); the good call again (the processes are still in
@@ -139,13 +156,14 @@ def fault_sequence(good, skipper: int):
     from jax._src import distributed
     me = jax.process_index()
     name, mc, gen, seed, opts = good
-    out = {"first": run_specs([good])}
+    out = {"first": run_specs([good], platform)}
     out["shape_mismatch"] = _error_of([(name + "_m", mc, dict(gen, M=gen["M"] + me), seed,
-                                        opts)])
+                                        opts)], platform)
     order = opts["devices"] or list(range(mc.size))
     out["mesh_mismatch"] = _error_of([(name + "_o", mc, gen, seed,
-                                       dict(opts, devices=order[::-1] if me else order))])
-    out["again"] = run_specs([(name + "_again", mc, gen, seed, opts)])
+                                       dict(opts, devices=order[::-1] if me else order))],
+                                     platform)
+    out["again"] = run_specs([(name + "_again", mc, gen, seed, opts)], platform)
     client = distributed.global_state.client
     if me == skipper:
         for p in range(jax.process_count()):
@@ -153,7 +171,8 @@ def fault_sequence(good, skipper: int):
                 client.blocking_key_value_get(f"test/skip/done/{p}", 120_000)
         out["timeout"] = None
     else:
-        out["timeout"] = _error_of([(name + "_t", mc, dict(gen, M=gen["M"] + 1), seed, opts)])
+        out["timeout"] = _error_of([(name + "_t", mc, dict(gen, M=gen["M"] + 1), seed, opts)],
+                                   platform)
         client.key_value_set(f"test/skip/done/{me}", "1")
     return out
 
@@ -271,3 +290,86 @@ def bootstrap_scenarios():
     run("attach_fails", [_Dev(70, 0, 0), _Dev(71, 1, 0)], [f"gpu{me}"],
         fail="GPU 0 cannot access GPU 1's memory (no peer access)" if me == 1 else None)
     return out
+
+
+# ---- GPU faults (tests/test_gpu_multiprocess.py) -----------------------------------------
+
+def _outcome(fn):
+    """('ok', value) or ('error', message) of fn()."""
+    try:
+        return ("ok", fn())
+    except Exception as e:  # RuntimeError from check_errors, jax's error from the handler
+        return ("error", f"{type(e).__name__}: {e}")
+
+
+def peer_stops_then_reset(good, stopper: int):
+    """A good call; then every process but `stopper` calls again while `stopper` does not
+    (their waits time out: NaN outputs, check_errors names the op, the next call is
+    refused); then every process calls reset_workspaces() and the same program is exact
+    again through the same mapped buffers."""
+    import jax
+    import jax_moe_ar as mar
+    me = jax.process_index()
+    f, args = program(good, "gpu")
+    out = {"first": {good[0]: local_shards(f(*args))}}
+    if me != stopper:
+        res = f(*args).residual
+        out["stalled_all_nan"] = bool(np.isnan(np.asarray(
+            res.addressable_shards[0].data, np.float32)).all())
+        out["check_errors"] = _outcome(mar.check_errors)
+        out["next_call"] = _outcome(lambda: np.asarray(
+            f(*args).residual.addressable_shards[0].data))
+    mar.reset_workspaces()
+    out["after_reset"] = {good[0]: local_shards(f(*args))}
+    out["check_errors_after"] = _outcome(mar.check_errors)
+    return out
+
+
+def peer_exits(good, leaver: int):
+    """A good call; then process `leaver` exits (no goodbye) and the others call again:
+    their waits end within the bound, outputs NaN, check_errors names the op."""
+    import os
+    import time
+
+    import jax
+    import jax_moe_ar as mar
+    from jax._src import distributed
+    client = distributed.global_state.client
+    me = jax.process_index()
+    f, args = program(good, "gpu")
+    out = {"first": {good[0]: local_shards(f(*args))}}
+    if me == leaver:
+        client.key_value_set("test/leaving", "1")
+        os._exit(3)
+    client.blocking_key_value_get("test/leaving", 60_000)
+    time.sleep(1.0)  # the process is gone (its CUDA context torn down)
+    t = time.monotonic()
+    res = f(*args).residual
+    data = np.asarray(res.addressable_shards[0].data, np.float32)
+    out["elapsed_s"] = time.monotonic() - t
+    out["stalled_all_nan"] = bool(np.isnan(data).all())
+    out["check_errors"] = _outcome(mar.check_errors)
+    return out
+
+
+def lower_with_other_host(good, other: int):
+    """Process `other` claims another host: every process must lower the plain-JAX path
+    (no fused call) with one warning naming the hosts. Lowered only: executing the xla
+    path needs NCCL, which refuses one GPU twice."""
+    import warnings
+    import jax
+    from jax_moe_ar import multiprocess
+    me = jax.process_index()
+    if me == other:
+        multiprocess.host_id = lambda: "elsewhere/another-boot-id"
+    name, mc, gen, seed, opts = good
+    opts = dict(opts)
+    opts.pop("expect_fused")
+    mesh = mesh_for(mc, opts.pop("devices"), "gpu")
+    f, args = cases.build(make_case(good), mc, mesh, **opts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = f.lower(*args).as_text()
+        text2 = f.lower(*args).as_text()   # lowered again: no second warning
+    return {"fused": FUSED_TARGET in text or FUSED_TARGET in text2,
+            "warnings": [str(w.message) for w in caught if "jax_moe_ar" in str(w.message)]}
