@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -81,8 +82,9 @@ def run_process_group(fn: Callable, n_processes: int, *, args: Sequence = (),
       may name the same GPU. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless `env` sets it.
     - `per_process_args[i]`, when given, replaces `args` for process i.
     - `env` adds to the children's environment.
-    - Bounded: after `timeout_s` every process still running is killed; once one process
-      has failed, the others get `grace_s` more seconds (they may be waiting for it).
+    - Bounded: after `timeout_s` every process still running prints its Python stacks
+      (into its output) and is killed; once one process has failed, the others get
+      `grace_s` more seconds (they may be waiting for it).
     - ``check=True``: raises ProcessGroupError naming each failed process with its
       traceback and output; ``check=False`` returns a ProcessResult per process instead
       (``check_results`` turns those into values or the error).
@@ -124,9 +126,13 @@ def run_process_group(fn: Callable, n_processes: int, *, args: Sequence = (),
                    for i, c in enumerate(codes)):
                 deadline = time.monotonic()
         if time.monotonic() > deadline:
-            for i, (p, _) in enumerate(procs):
-                if p.poll() is None:
-                    p.kill()
+            running = [i for i, (p, _) in enumerate(procs) if p.poll() is None]
+            for i in running:  # each prints its threads' stacks into its output
+                procs[i][0].send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            for i in running:
+                if procs[i][0].poll() is None:
+                    procs[i][0].kill()
                     timed_out.add(i)
             for p, _ in procs:
                 p.wait()
@@ -168,6 +174,8 @@ def check_results(results: Sequence[ProcessResult]) -> list:
 def _child_main(f, result_path: str) -> None:
     spec = pickle.load(f)
     f.close()
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's timeout report
     import jax
     if spec["platform"] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -57,6 +57,10 @@ def _me() -> int:
 _lock = threading.Lock()
 _sequence: dict[tuple, int] = {}   # processes of a mesh -> lowerings they agreed on so far
 _resets: dict[tuple, int] = {}     # processes -> collective resets so far
+# Calls already agreed on, and their plans: lowering an identical call again (a jit cache
+# miss in one process only) needs no round, so the processes' counters stay in step.
+_agreed: set[str] = set()
+_planned: dict[str, tuple] = {}
 
 
 def _tag(procs) -> str:
@@ -156,7 +160,12 @@ def check_call(mesh, axes, call: str) -> None:
     (the CPU path): raises RuntimeError when the processes lowered different calls."""
     if _client() is None:
         return  # nothing to check against; jax itself cannot run such a mesh then
-    agree(participants(mesh), dict(mesh_description(mesh, axes), op=call))
+    described = dict(mesh_description(mesh, axes), op=call)
+    memo = json.dumps(described, sort_keys=True)
+    if memo in _agreed:
+        return
+    agree(participants(mesh), described)
+    _agreed.add(memo)
 
 
 # ---- CUDA: exchange workspaces shared across processes ------------------------------
@@ -194,6 +203,17 @@ def plan_shared(mesh, axes, groups, slot_bytes: int, call: str,
     me = _me()
     procs = participants(mesh)
     layout = json.dumps([[int(d.id) for d in g] for g in groups])
+    memo = json.dumps([layout, mesh_description(mesh, axes), call, slot_bytes])
+    if memo in _planned:
+        return _planned[memo]
+    result = _plan_shared(mesh, axes, groups, slot_bytes, call, local_reason, new_capacity,
+                          timeout_s, me, procs, layout)
+    _planned[memo] = result
+    return result
+
+
+def _plan_shared(mesh, axes, groups, slot_bytes, call, local_reason, new_capacity, timeout_s,
+                 me, procs, layout):
     existing = _shared.get(layout, [])
     reuse = next((ws for cap, ws in existing if cap >= slot_bytes), None)
     described = dict(mesh_description(mesh, axes), op=call,
@@ -295,8 +315,3 @@ def barrier(procs, phase: str) -> None:
              f"reset_workspaces() ({phase}); every process sharing a workspace must call it")
 
 
-def forget_all() -> None:
-    """Drops the records of shared workspaces (after the native ones were destroyed)."""
-    with _lock:
-        _shared.clear()
-        _procs_of.clear()

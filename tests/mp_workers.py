@@ -9,6 +9,8 @@ generates the same case from the seed, so each holds the same global inputs.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import cases
@@ -146,10 +148,12 @@ def _error_of(specs, platform="cpu"):
 
 
 def fault_sequence(good, skipper: int, platform="cpu"):
-    """In order, in every process: a good call (shards returned); a call whose M differs
-    by process and one whose mesh order differs by process (each must raise the
+    """In order, in every process: a good call (shards returned); a new call whose M
+    differs by process and one whose mesh order differs by process (each must raise the
     agreement's RuntimeError everywhere); the good call again (the processes are still in
-    step); then every process but `skipper` lowers a call that `skipper` never lowers
+    step); the same call lowered once more by process 0 alone, then a new call (still in
+    step); then, with the key-value waits bounded at 3 s, every process but `skipper`
+    lowers a call that `skipper` never lowers
     (each must raise the key-value timeout's RuntimeError; `skipper` waits for them to
     finish before it leaves). Returns a dict of shards and error texts."""
     import jax
@@ -157,14 +161,24 @@ def fault_sequence(good, skipper: int, platform="cpu"):
     me = jax.process_index()
     name, mc, gen, seed, opts = good
     out = {"first": run_specs([good], platform)}
-    out["shape_mismatch"] = _error_of([(name + "_m", mc, dict(gen, M=gen["M"] + me), seed,
-                                        opts)], platform)
+    # Calls new to every process (a call agreed on before is not compared again): M
+    # differs by process; then the mesh is reversed in every process but 0.
+    out["shape_mismatch"] = _error_of([(name + "_m", mc, dict(gen, M=gen["M"] + 1 + me),
+                                        seed, opts)], platform)
     order = opts["devices"] or list(range(mc.size))
-    out["mesh_mismatch"] = _error_of([(name + "_o", mc, gen, seed,
+    out["mesh_mismatch"] = _error_of([(name + "_o", mc, dict(gen, M=gen["M"] + 3), seed,
                                        dict(opts, devices=order[::-1] if me else order))],
                                      platform)
     out["again"] = run_specs([(name + "_again", mc, gen, seed, opts)], platform)
+    # Process 0 alone lowers that call once more (a fresh jit: its lowering rule runs
+    # again); the processes must still be in step for the next new call.
+    if me == 0:
+        f, args = program((name + "_again", mc, gen, seed, opts), platform)
+        f.lower(*args)
+    after = (name + "_after", mc, dict(gen, M=gen["M"] + 2), seed + 1, opts)
+    out["after_extra_lowering"] = run_specs([after], platform)
     client = distributed.global_state.client
+    os.environ["JAX_MOE_AR_KV_TIMEOUT_S"] = "3"  # read at each wait; only this step is short
     if me == skipper:
         for p in range(jax.process_count()):
             if p != skipper:
@@ -328,7 +342,6 @@ def peer_stops_then_reset(good, stopper: int):
 def peer_exits(good, leaver: int):
     """A good call; then process `leaver` exits (no goodbye) and the others call again:
     their waits end within the bound, outputs NaN, check_errors names the op."""
-    import os
     import time
 
     import jax

@@ -118,8 +118,7 @@ def test_peer_process_exits():
 
 def test_mismatch_and_kv_timeout_on_gpu():
     require_gpus(1)
-    res = run_process_group(W.fault_sequence, 2, args=(GOOD, 1, "gpu"),
-                            env={"JAX_MOE_AR_KV_TIMEOUT_S": "3"}, **_on_gpu0(2))
+    res = run_process_group(W.fault_sequence, 2, args=(GOOD, 1, "gpu"), **_on_gpu0(2))
     W.check_spec([r["first"] for r in res], GOOD)
     W.check_spec([r["again"] for r in res], (GOOD[0] + "_again",) + GOOD[1:])
     for r in res:

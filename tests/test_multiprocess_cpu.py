@@ -67,15 +67,14 @@ def _ids(specs):
 
 
 # After the matrix, the same two processes run the fault sequence on a group of one
-# device of each (mp_workers.fault_sequence), with the key-value waits bounded at 3 s.
+# device of each (mp_workers.fault_sequence).
 GOOD = W.spec("moe_one_each_faults", N2, 500, devices=ONE_EACH_2, M=8, H=64, **MOE)
 
 
 @pytest.fixture(scope="module")
 def run_2x2():
     return run_process_group(W.specs_then_faults, 2, args=(SPECS_2x2, GOOD, 1),
-                             devices_per_process=2, timeout_s=300,
-                             env={"JAX_MOE_AR_KV_TIMEOUT_S": "3"})
+                             devices_per_process=2, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +116,18 @@ def test_faults_good_calls_before_and_after_are_exact(faults):
     W.check_spec([r["again"] for r in faults], again)
 
 
+def test_relowering_in_one_process_keeps_the_processes_in_step(faults):
+    name, mc, gen, seed, opts = GOOD
+    after = (name + "_after", mc, dict(gen, M=gen["M"] + 2), seed + 1, opts)
+    W.check_spec([r["after_extra_lowering"] for r in faults], after)
+
+
 def test_fault_different_shapes_in_one_process(faults):
     for p, r in enumerate(faults):
         err = r["shape_mismatch"]
         assert err is not None, f"process {p} lowered a mismatched call without an error"
         assert "lowered different jax_moe_ar calls" in err
-        assert "(9, 64)" in err and "(8, 64)" in err, err  # the residual shapes differ
+        assert "(9, 64)" in err and "(10, 64)" in err, err  # the residual shapes differ
 
 
 def test_fault_different_mesh_in_one_process(faults):
