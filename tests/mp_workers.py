@@ -192,10 +192,15 @@ def fault_sequence(good, skipper: int, platform="cpu"):
 
 
 def specs_then_faults(specs, good, skipper: int):
-    """run_specs(specs), bootstrap_scenarios(), then fault_sequence(good, skipper), in one
-    process group."""
-    return {"specs": run_specs(specs), "bootstrap": bootstrap_scenarios(),
-            "faults": fault_sequence(good, skipper)}
+    """In one process group: run_specs(specs); bootstrap_scenarios(); a collective
+    reset_workspaces(); fault_sequence(good, skipper); last, a reset_workspaces() that
+    only process 0 calls (it must time out naming the reset)."""
+    import jax
+    out = {"specs": run_specs(specs), "bootstrap": bootstrap_scenarios()}
+    out["reset_together"] = reset_with_recording_native(True)
+    out["faults"] = fault_sequence(good, skipper)   # ends with the key-value bound at 3 s
+    out["reset_alone"] = reset_with_recording_native(jax.process_index() == 0)
+    return out
 
 
 def fail_in(bad: int):
@@ -257,6 +262,28 @@ class RecordingNative:
 
     def ipc_discard(self, ws):
         self.calls.append(("discard", ws))
+
+    with_cuda = True
+
+    def synchronize_all(self):
+        self.calls.append(("synchronize_all",))
+
+    def reset_all(self):
+        self.calls.append(("reset_all",))
+
+
+def reset_with_recording_native(call: bool):
+    """reset_workspaces() (if `call`) with the native module recorded; returns the
+    outcome and the native calls. Needs a shared workspace recorded in this process
+    (bootstrap_scenarios leaves some)."""
+    from jax_moe_ar import workspace
+    real = workspace._native
+    workspace._native = RecordingNative([])
+    try:
+        outcome = _outcome(workspace.reset_workspaces) if call else ("skipped", None)
+        return outcome, workspace._native.calls
+    finally:
+        workspace._native = real
 
 
 def bootstrap_scenarios():

@@ -237,3 +237,15 @@ def test_bootstrap_refusals_are_the_same_everywhere(boot):
     for me, b in enumerate(boot):
         kinds = [c[0] for c in b["attach_fails"][1]]
         assert kinds == ["create", "attach", "discard"], kinds  # never committed
+
+
+def test_reset_is_collective_across_processes(run_2x2):
+    """With workspaces shared across processes, reset_workspaces() waits for the
+    process's GPUs, meets every peer, clears, and meets them again; alone, it stops at
+    the first meeting with an error naming it, without clearing anything."""
+    for r in run_2x2:
+        assert r["reset_together"] == (("ok", None), [("synchronize_all",), ("reset_all",)])
+    outcome, calls = run_2x2[0]["reset_alone"]
+    assert outcome[0] == "error" and "reset_workspaces() (before)" in outcome[1], outcome
+    assert calls == [("synchronize_all",)]
+    assert run_2x2[1]["reset_alone"] == (("skipped", None), [])
