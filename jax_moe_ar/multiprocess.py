@@ -250,7 +250,19 @@ def _plan_shared(mesh, axes, groups, slot_bytes, call, local_reason, new_capacit
 
 def _bootstrap(key, procs, groups, local, facts, capacity, timeout_s):
     """Rounds 2 and 3 of a new shared workspace: allocate and publish handles and grids,
-    open the peers', then commit only if every process opened all of its peers."""
+    open the peers', then commit only if every process opened all of its peers. A round
+    that times out frees what this process allocated before the error propagates."""
+    pending = []
+    try:
+        return _bootstrap_rounds(key, procs, groups, local, facts, capacity, timeout_s,
+                                 pending)
+    except BaseException:
+        for ws in pending:
+            _native.ipc_discard(ws)
+        raise
+
+
+def _bootstrap_rounds(key, procs, groups, local, facts, capacity, timeout_s, pending):
     me = _me()
     uuid = {int(d): u for f in facts.values() for d, u in f["uuid"].items()}
     host = {d.id: facts[d.process_index]["host"] for g in groups for d in g}
@@ -262,6 +274,7 @@ def _bootstrap(key, procs, groups, local, facts, capacity, timeout_s):
     try:
         ws, handles = _native.ipc_create([(d.local_hardware_id, gi, r, len(groups[gi]))
                                           for d, gi, r in local], capacity, timeout_s)
+        pending.append(ws)
         for (d, gi, _), h in zip(local, handles):
             sharing = sum(where(o) == where(d) for o in groups[gi])
             entry[str(d.id)] = {"handles": h.hex(), "cap": _native.grid_cap(
@@ -294,6 +307,7 @@ def _bootstrap(key, procs, groups, local, facts, capacity, timeout_s):
     got = {p: json.loads(v) for p, v in exchange(
         key + "/open", json.dumps(opened), procs, "the opening of peers' buffers").items()}
     errors = [got[p]["error"] for p in procs if "error" in got[p]]
+    pending.clear()
     if errors:
         if ws is not None:
             _native.ipc_discard(ws)
