@@ -5,7 +5,8 @@ given shape. A workspace covers every group of the mesh along the reduction
 axes (a 2x2 mesh reduced over "tp" has two groups), holds per device the
 peer-visible exchange buffers and counters, and lives until the process exits.
 It is created here, at lowering time on the host — never inside a captured
-region or a handler.
+region or a handler. Groups whose devices belong to several processes get theirs
+from multiprocess.py, which agrees with the other processes first.
 """
 
 from __future__ import annotations
