@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include "common/config.h"
@@ -60,26 +61,77 @@ nb::dict constants() {
 }
 
 #if defined(JAX_MOE_AR_WITH_CUDA)
-// Creates the workspace, then loads the kernels on each of its devices (at
-// lowering time: outside any captured region, before any launch).
-int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
-                         double timeout_s) {
-  const int64_t id = mar::runtime::create_workspace(groups, slot_bytes, timeout_s);
+// Loads the kernels on each device (at lowering time: outside any captured
+// region, before any launch; see prepare_fused_kernels).
+void load_kernels_on(const std::vector<int>& devices) {
   int saved = 0;
   cudaGetDevice(&saved);
-  for (const auto& group : groups) {
-    for (int d : group) {
-      cudaError_t e = cudaSetDevice(d);
-      if (e == cudaSuccess) e = mar::prepare_fused_kernels();
-      if (e != cudaSuccess) {
-        cudaSetDevice(saved);
-        throw std::runtime_error("GPU " + std::to_string(d) + ": loading the kernels: " +
-                                 cudaGetErrorString(e));
-      }
+  for (int d : devices) {
+    cudaError_t e = cudaSetDevice(d);
+    if (e == cudaSuccess) e = mar::prepare_fused_kernels();
+    if (e != cudaSuccess) {
+      cudaSetDevice(saved);
+      throw std::runtime_error("GPU " + std::to_string(d) + ": loading the kernels: " +
+                               cudaGetErrorString(e));
     }
   }
   cudaSetDevice(saved);
+}
+
+int64_t create_workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
+                         double timeout_s) {
+  const int64_t id = mar::runtime::create_workspace(groups, slot_bytes, timeout_s);
+  for (const auto& group : groups) load_kernels_on(group);
   return id;
+}
+
+// Cross-process workspaces (runtime/workspace.h IpcRank, IpcPeer); tuples on the
+// Python side, so that jax_moe_ar/multiprocess.py needs no bound classes.
+void bind_ipc(nb::module_& m) {
+  using RankTuple = std::tuple<int, int, int, int>;  // device, group, rank, nranks
+  using PeerTuple = std::tuple<int, nb::bytes, int>;       // local index, handles, ordinal
+  m.def(
+      "ipc_create",
+      [](const std::vector<RankTuple>& ranks, uint64_t slot_bytes, double timeout_s) {
+        std::vector<mar::runtime::IpcRank> specs;
+        std::vector<int> devices;
+        for (const auto& [device, group, rank, nranks] : ranks) {
+          specs.push_back({device, group, rank, nranks});
+          devices.push_back(device);
+        }
+        auto [id, handles] = mar::runtime::ipc_create(specs, slot_bytes, timeout_s);
+        load_kernels_on(devices);
+        std::vector<nb::bytes> out;
+        for (const auto& h : handles) out.emplace_back(h.data(), h.size());
+        return std::make_pair(id, out);
+      },
+      nb::arg("ranks"), nb::arg("slot_bytes"), nb::arg("timeout_s"),
+      "Allocates this process's ranks [(device, group, rank, nranks)] of a "
+      "cross-process workspace; returns (pending id, [IPC handles per rank]).");
+  m.def(
+      "ipc_attach",
+      [](int64_t id, const std::vector<std::vector<PeerTuple>>& peers,
+         const std::vector<int>& group_sms) {
+        std::vector<std::vector<mar::runtime::IpcPeer>> all;
+        for (const auto& group : peers) {
+          all.emplace_back();
+          for (const auto& [local, handles, ordinal] : group)
+            all.back().push_back({local, std::string(handles.c_str(), handles.size()), ordinal});
+        }
+        mar::runtime::ipc_attach(id, all, group_sms);
+      },
+      nb::arg("id"), nb::arg("peers"), nb::arg("group_sms"),
+      "Opens the peers [[(local index or -1, handles, ordinal or -1)] per local rank] and "
+      "sets each local rank's grid; raises RuntimeError naming the reason when it cannot.");
+  m.def("ipc_commit", &mar::runtime::ipc_commit, nb::arg("id"),
+        "Makes an attached cross-process workspace usable.");
+  m.def("ipc_discard", &mar::runtime::ipc_discard, nb::arg("id"),
+        "Frees a pending cross-process workspace.");
+  m.def("grid_cap", &mar::runtime::grid_cap, nb::arg("ordinal"), nb::arg("sharing"),
+        "Blocks a rank on this GPU may launch when `sharing` ranks of its group share it.");
+  m.def("device_uuids", &mar::runtime::device_uuids, "UUIDs of the visible GPUs, by ordinal.");
+  m.def("synchronize_all", &mar::runtime::synchronize_all,
+        "Waits for every GPU of every workspace.");
 }
 
 void bind_workspace(nb::module_& m) {
@@ -98,6 +150,7 @@ void bind_workspace(nb::module_& m) {
         "Returns every workspace to its fresh state (clears a poisoned one); call only "
         "while no jax_moe_ar program runs.");
   m.def("destroy_all", &mar::runtime::destroy_all, "Frees every workspace.");
+  bind_ipc(m);
 }
 #endif
 

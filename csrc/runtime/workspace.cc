@@ -46,12 +46,44 @@ struct Rank {
   uint64_t* host_trace = nullptr;  // kTraceWords, only when tracing
   bool reported = false;
   ExchangeView view;
+  std::vector<void*> opened;  // peers' buffers this rank's device mapped (CUDA IPC), to close
 };
+
+// Blocks one rank may launch: its GPU's SMs shared among the group's ranks on that
+// GPU (so that every block of every sharing rank stays resident), at most kMaxGrid.
+// The group then launches its smallest rank's value.
+int rank_grid_cap(int sms, int sharing) {
+  return std::min(std::max(1, sms / std::max(1, sharing)), kMaxGrid);
+}
+
+// Lets GPU `a` read and write GPU `b`'s memory; throws naming the pair when it cannot.
+void enable_peer_access(int a, int b) {
+  int ok = 0;
+  check(cudaDeviceCanAccessPeer(&ok, a, b), "cudaDeviceCanAccessPeer");
+  if (!ok)
+    throw std::runtime_error("GPU " + std::to_string(a) + " cannot access GPU " +
+                             std::to_string(b) + "'s memory (no peer access)");
+  check(cudaSetDevice(a), "cudaSetDevice");
+  cudaError_t e = cudaDeviceEnablePeerAccess(b, 0);
+  if (e == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();
+  } else {
+    check(e, "enabling peer access from GPU " + std::to_string(a) + " to GPU " +
+                 std::to_string(b));
+  }
+}
 
 class Workspace {
  public:
   Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes, double timeout_s);
+  // This process's ranks of groups that span processes (runtime/workspace.h IpcRank);
+  // usable after attach().
+  Workspace(const std::vector<IpcRank>& ranks, uint64_t slot_bytes, double timeout_s);
   ~Workspace();
+
+  size_t size() const { return ranks_.size(); }
+  std::string ipc_handles(size_t index) const;
+  void attach(const std::vector<std::vector<IpcPeer>>& peers, const std::vector<int>& group_sms);
 
   const Rank* rank_on(int ordinal) const {
     for (const Rank& r : ranks_)
@@ -62,90 +94,97 @@ class Workspace {
   std::string failure_of_group(int group) const;
   void collect_errors(std::vector<std::string>* out);
   void collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>>* out) const;
+  void synchronize() const;
   void reset();
 
  private:
+  void build(const std::vector<std::vector<int>>& groups);
+  void build(const std::vector<IpcRank>& ranks);
+  void release();
+  Rank& allocate(int device, int group, int nranks);
   std::string describe(const Rank& r) const;
   std::vector<Rank> ranks_;
   uint64_t slot_bytes_;
   double timeout_s_;
 };
 
+// Allocates and initialises one rank's buffers on `device` (its view's rank and
+// peers are filled in later); registered first, so that release() frees partial work.
+Rank& Workspace::allocate(int device, int group, int nranks) {
+  Rank r;
+  r.device = device;
+  r.group = group;
+  ranks_.push_back(r);
+  Rank& me = ranks_.back();
+  const std::string on = "GPU " + std::to_string(device);
+  check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
+  int major = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), on);
+  if (major < 9) throw std::runtime_error(on + " is not sm_90 or newer");
+  const uint64_t bytes = exchange_area_bytes(uint64_t(nranks), slot_bytes_);
+  check(cudaMalloc(&me.area, bytes), on + ": allocating " + std::to_string(bytes) +
+                                         " bytes of exchange buffers");
+  check(cudaMemset(me.area, 0xff, bytes), on + ": initialising exchange buffers");
+  const uint64_t gather_bytes = gather_area_bytes(slot_bytes_);
+  check(cudaMalloc(&me.gather, gather_bytes), on + ": allocating " +
+                                                  std::to_string(gather_bytes) +
+                                                  " bytes of gather buffers");
+  check(cudaMemset(me.gather, 0, gather_bytes), on + ": initialising gather buffers");
+  check(cudaMalloc(&me.counters, sizeof(DeviceCounters)), on + ": counters");
+  check(cudaMemset(me.counters, 0, sizeof(DeviceCounters)), on + ": counters");
+  check(cudaHostAlloc(&me.host_error, sizeof(ErrorRecord),
+                      cudaHostAllocMapped | cudaHostAllocPortable),
+        on + ": error record");
+  *me.host_error = ErrorRecord{};
+  ErrorRecord* dev_error = nullptr;
+  check(cudaHostGetDevicePointer(&dev_error, me.host_error, 0), on + ": error record");
+  if (tracing_requested()) {
+    check(cudaHostAlloc(&me.host_trace, kTraceWords * sizeof(uint64_t),
+                        cudaHostAllocMapped | cudaHostAllocPortable),
+          on + ": trace record");
+    std::memset(me.host_trace, 0, kTraceWords * sizeof(uint64_t));
+    check(cudaHostGetDevicePointer(&me.view.trace, me.host_trace, 0), on + ": trace record");
+  }
+  me.view.rank = 0;
+  me.view.nranks = nranks;
+  me.view.slot_bytes = slot_bytes_;
+  me.view.gather_bytes = gather_bytes;
+  me.view.counters = me.counters;
+  me.view.error = dev_error;
+  me.view.timeout_ns = uint64_t(timeout_s_ * 1e9);
+  return me;
+}
+
 Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_bytes,
                      double timeout_s)
     : slot_bytes_(slot_bytes), timeout_s_(timeout_s) {
+  try {
+    build(groups);
+  } catch (...) {
+    release();  // a throwing constructor runs no destructor
+    throw;
+  }
+}
+
+void Workspace::build(const std::vector<std::vector<int>>& groups) {
   DeviceGuard guard;
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& devs = groups[g];
     if (devs.empty() || devs.size() > size_t(kMaxRanks))
       throw std::runtime_error("groups must hold 1 to " + std::to_string(kMaxRanks) + " GPUs");
     for (int d : devs) {
-      Rank r;
-      r.device = d;
-      r.group = int(g);
-      ranks_.push_back(r);  // registered first so the destructor frees partial work
-      Rank& me = ranks_.back();
-      const std::string on = "GPU " + std::to_string(d);
-      check(cudaSetDevice(d), "cudaSetDevice(" + std::to_string(d) + ")");
-      int major = 0, sms = 0;
-      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d), on);
-      check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d), on);
-      if (major < 9) throw std::runtime_error(on + " is not sm_90 or newer");
-      const uint64_t bytes = exchange_area_bytes(devs.size(), slot_bytes);
-      check(cudaMalloc(&me.area, bytes), on + ": allocating " + std::to_string(bytes) +
-                                             " bytes of exchange buffers");
-      check(cudaMemset(me.area, 0xff, bytes), on + ": initialising exchange buffers");
-      const uint64_t gather_bytes = gather_area_bytes(slot_bytes);
-      check(cudaMalloc(&me.gather, gather_bytes), on + ": allocating " +
-                                                      std::to_string(gather_bytes) +
-                                                      " bytes of gather buffers");
-      check(cudaMemset(me.gather, 0, gather_bytes), on + ": initialising gather buffers");
-      check(cudaMalloc(&me.counters, sizeof(DeviceCounters)), on + ": counters");
-      check(cudaMemset(me.counters, 0, sizeof(DeviceCounters)), on + ": counters");
-      check(cudaHostAlloc(&me.host_error, sizeof(ErrorRecord),
-                          cudaHostAllocMapped | cudaHostAllocPortable),
-            on + ": error record");
-      *me.host_error = ErrorRecord{};
-      ErrorRecord* dev_error = nullptr;
-      check(cudaHostGetDevicePointer(&dev_error, me.host_error, 0), on + ": error record");
-      if (tracing_requested()) {
-        check(cudaHostAlloc(&me.host_trace, kTraceWords * sizeof(uint64_t),
-                            cudaHostAllocMapped | cudaHostAllocPortable),
-              on + ": trace record");
-        std::memset(me.host_trace, 0, kTraceWords * sizeof(uint64_t));
-        check(cudaHostGetDevicePointer(&me.view.trace, me.host_trace, 0), on + ": trace record");
-      }
-      me.view.rank = 0;
-      me.view.nranks = int(devs.size());
-      me.view.slot_bytes = slot_bytes;
-      me.view.gather_bytes = gather_bytes;
-      me.view.counters = me.counters;
-      me.view.error = dev_error;
-      me.view.timeout_ns = uint64_t(timeout_s * 1e9);
-      // A group may name one device several times (the harness's virtual ranks):
-      // those ranks' grids then share its SMs, so that every block stays resident.
+      Rank& me = allocate(d, int(g), int(devs.size()));
+      int sms = 0;
+      check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d),
+            "GPU " + std::to_string(d));
+      // A group may name one device several times (the harness's virtual ranks).
       const int sharing = int(std::count(devs.begin(), devs.end(), d));
-      me.view.group_sms = std::min(std::max(1, sms / sharing), kMaxGrid);  // then the group's minimum
+      me.view.group_sms = rank_grid_cap(sms, sharing);  // then the group's minimum
     }
     // Peer access within the group, both directions.
-    for (int a : devs) {
-      for (int b : devs) {
-        if (a == b) continue;
-        int ok = 0;
-        check(cudaDeviceCanAccessPeer(&ok, a, b), "cudaDeviceCanAccessPeer");
-        if (!ok)
-          throw std::runtime_error("GPU " + std::to_string(a) + " cannot access GPU " +
-                                   std::to_string(b) + "'s memory (no peer access)");
-        check(cudaSetDevice(a), "cudaSetDevice");
-        cudaError_t e = cudaDeviceEnablePeerAccess(b, 0);
-        if (e == cudaErrorPeerAccessAlreadyEnabled) {
-          cudaGetLastError();
-        } else {
-          check(e, "enabling peer access from GPU " + std::to_string(a) + " to GPU " +
-                       std::to_string(b));
-        }
-      }
-    }
+    for (int a : devs)
+      for (int b : devs)
+        if (a != b) enable_peer_access(a, b);
   }
   // Every rank sees every peer's area at the same (unified) address, and
   // launches the grid of the group's smallest GPU.
@@ -167,16 +206,119 @@ Workspace::Workspace(const std::vector<std::vector<int>>& groups, uint64_t slot_
   }
 }
 
-Workspace::~Workspace() {
+Workspace::Workspace(const std::vector<IpcRank>& ranks, uint64_t slot_bytes, double timeout_s)
+    : slot_bytes_(slot_bytes), timeout_s_(timeout_s) {
+  try {
+    build(ranks);
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+void Workspace::build(const std::vector<IpcRank>& ranks) {
   DeviceGuard guard;
+  for (const IpcRank& spec : ranks) {
+    if (spec.nranks < 1 || spec.nranks > kMaxRanks || spec.rank < 0 || spec.rank >= spec.nranks)
+      throw std::runtime_error("rank " + std::to_string(spec.rank) + " of a group of " +
+                               std::to_string(spec.nranks) + " (groups hold 1 to " +
+                               std::to_string(kMaxRanks) + " ranks)");
+    Rank& me = allocate(spec.device, spec.group, spec.nranks);
+    me.view.rank = spec.rank;
+  }
+  for (const Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": initialisation");
+  }
+}
+
+// The CUDA IPC handles of rank `index`'s exchange area and gather area, back to back.
+std::string Workspace::ipc_handles(size_t index) const {
+  const Rank& r = ranks_.at(index);
+  cudaIpcMemHandle_t h[2];
+  const std::string on = "GPU " + std::to_string(r.device) + ": cudaIpcGetMemHandle";
+  check(cudaIpcGetMemHandle(&h[0], r.area), on);
+  check(cudaIpcGetMemHandle(&h[1], r.gather), on);
+  return std::string(reinterpret_cast<const char*>(h), sizeof(h));
+}
+
+// Fills every local rank's view with its group's buffers: local peers' directly
+// (with peer access), other processes' through CUDA IPC. On a failure the
+// mappings made so far stay recorded in `opened` and are closed by release().
+void Workspace::attach(const std::vector<std::vector<IpcPeer>>& peers,
+                       const std::vector<int>& group_sms) {
+  DeviceGuard guard;
+  if (peers.size() != ranks_.size() || group_sms.size() != ranks_.size())
+    throw std::runtime_error("attach: one list of peers and one grid per local rank is needed");
+  for (size_t i = 0; i < ranks_.size(); ++i) {
+    Rank& me = ranks_[i];
+    me.view.group_sms = std::min(std::max(1, group_sms[i]), kMaxGrid);
+    const std::string on = "GPU " + std::to_string(me.device);
+    if (peers[i].size() != size_t(me.view.nranks))
+      throw std::runtime_error("attach: " + on + " needs " + std::to_string(me.view.nranks) +
+                               " peers, got " + std::to_string(peers[i].size()));
+    for (size_t r = 0; r < peers[i].size(); ++r) {
+      const IpcPeer& p = peers[i][r];
+      if (p.local >= 0) {
+        if (size_t(p.local) >= ranks_.size() || (r == size_t(me.view.rank)) != (size_t(p.local) == i))
+          throw std::runtime_error("attach: bad local peer index");
+        const Rank& peer = ranks_[p.local];
+        if (peer.device != me.device) enable_peer_access(me.device, peer.device);
+        me.view.areas[r] = peer.area;
+        me.view.gathers[r] = peer.gather;
+        continue;
+      }
+      if (p.handles.size() != 2 * sizeof(cudaIpcMemHandle_t))
+        throw std::runtime_error("attach: a peer's IPC handles must be " +
+                                 std::to_string(2 * sizeof(cudaIpcMemHandle_t)) + " bytes");
+      if (p.ordinal >= 0 && p.ordinal != me.device) {
+        int ok = 0;
+        check(cudaDeviceCanAccessPeer(&ok, me.device, p.ordinal), "cudaDeviceCanAccessPeer");
+        if (!ok)
+          throw std::runtime_error(on + " cannot access GPU " + std::to_string(p.ordinal) +
+                                   "'s memory (no peer access)");
+      }
+      cudaIpcMemHandle_t h[2];
+      std::memcpy(h, p.handles.data(), sizeof(h));
+      check(cudaSetDevice(me.device), "cudaSetDevice");
+      void* ptrs[2] = {nullptr, nullptr};
+      for (int k = 0; k < 2; ++k) {
+        check(cudaIpcOpenMemHandle(&ptrs[k], h[k], cudaIpcMemLazyEnablePeerAccess),
+              on + ": opening rank " + std::to_string(r) +
+                  "'s buffers from another process (cudaIpcOpenMemHandle)");
+        me.opened.push_back(ptrs[k]);
+      }
+      me.view.areas[r] = static_cast<char*>(ptrs[0]);
+      me.view.gathers[r] = static_cast<char*>(ptrs[1]);
+    }
+  }
+  for (const Rank& r : ranks_) {
+    check(cudaSetDevice(r.device), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": attaching peers");
+  }
+}
+
+Workspace::~Workspace() { release(); }
+
+// Waits for every rank's GPU, then unmaps the peers' buffers each opened and frees
+// its own. Errors are ignored: this runs at exit and after failures.
+void Workspace::release() {
+  DeviceGuard guard;
+  for (const Rank& r : ranks_)
+    if (cudaSetDevice(r.device) == cudaSuccess) cudaDeviceSynchronize();
   for (Rank& r : ranks_) {
     if (cudaSetDevice(r.device) != cudaSuccess) continue;
-    cudaDeviceSynchronize();
+    for (void* p : r.opened) cudaIpcCloseMemHandle(p);
+    r.opened.clear();
     if (r.area) cudaFree(r.area);
     if (r.gather) cudaFree(r.gather);
     if (r.counters) cudaFree(r.counters);
     if (r.host_error) cudaFreeHost(r.host_error);
     if (r.host_trace) cudaFreeHost(r.host_trace);
+    r.area = r.gather = nullptr;
+    r.counters = nullptr;
+    r.host_error = nullptr;
+    r.host_trace = nullptr;
   }
   cudaGetLastError();
 }
@@ -216,15 +358,21 @@ void Workspace::collect_traces(std::vector<std::pair<int, std::vector<uint64_t>>
   }
 }
 
-// Back to the state of a fresh workspace: waits for every rank's GPU (the
-// kernels' waits are bounded, so this ends), then empty slots, zero flags and
-// counters, no recorded failure.
-void Workspace::reset() {
+// Waits for every rank's GPU (the kernels' waits are bounded, so this ends).
+void Workspace::synchronize() const {
   DeviceGuard guard;
   for (const Rank& r : ranks_) {
     check(cudaSetDevice(r.device), "cudaSetDevice");
     check(cudaDeviceSynchronize(), "GPU " + std::to_string(r.device) + ": before reset");
   }
+}
+
+// Back to the state of a fresh workspace: after synchronize(), empty slots, zero
+// flags and counters, no recorded failure. Only this process's ranks: peers in
+// other processes reset theirs (workspace.py reset_workspaces orders the two).
+void Workspace::reset() {
+  DeviceGuard guard;
+  synchronize();
   for (Rank& r : ranks_) {
     check(cudaSetDevice(r.device), "cudaSetDevice");
     const std::string on = "GPU " + std::to_string(r.device) + ": reset";
@@ -242,6 +390,8 @@ void Workspace::reset() {
 
 std::mutex g_mu;
 std::map<int64_t, std::unique_ptr<Workspace>> g_workspaces;
+// Cross-process workspaces between ipc_create and a successful ipc_attach.
+std::map<int64_t, std::unique_ptr<Workspace>> g_pending;
 
 // Ids carry a per-process random prefix, so an id baked into a program
 // lowered by another process is never mistaken for one of ours.
@@ -302,6 +452,68 @@ uint64_t device_bytes_used(int ordinal) {
   return uint64_t(total - free);
 }
 
+std::pair<int64_t, std::vector<std::string>> ipc_create(const std::vector<IpcRank>& ranks,
+                                                         uint64_t slot_bytes, double timeout_s) {
+  auto ws = std::make_unique<Workspace>(ranks, slot_bytes, timeout_s);
+  std::vector<std::string> handles;
+  for (size_t i = 0; i < ws->size(); ++i) handles.push_back(ws->ipc_handles(i));
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int64_t id = next_id();
+  g_pending.emplace(id, std::move(ws));
+  return {id, handles};
+}
+
+void ipc_attach(int64_t id, const std::vector<std::vector<IpcPeer>>& peers,
+                const std::vector<int>& group_sms) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_pending.find(id);
+  if (it == g_pending.end()) throw std::runtime_error("no pending workspace " + std::to_string(id));
+  it->second->attach(peers, group_sms);
+}
+
+void ipc_commit(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_pending.find(id);
+  if (it == g_pending.end()) throw std::runtime_error("no pending workspace " + std::to_string(id));
+  g_workspaces.emplace(id, std::move(it->second));
+  g_pending.erase(it);
+}
+
+void ipc_discard(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_pending.erase(id);
+}
+
+int grid_cap(int ordinal, int sharing) {
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, ordinal),
+        "GPU " + std::to_string(ordinal));
+  return rank_grid_cap(sms, sharing);
+}
+
+std::vector<std::string> device_uuids() {
+  int n = 0;
+  check(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+  std::vector<std::string> out;
+  for (int d = 0; d < n; ++d) {
+    cudaDeviceProp prop;
+    check(cudaGetDeviceProperties(&prop, d), "GPU " + std::to_string(d));
+    static const char* hex = "0123456789abcdef";
+    std::string s;
+    for (char c : prop.uuid.bytes) {
+      s += hex[(static_cast<unsigned char>(c) >> 4) & 15];
+      s += hex[static_cast<unsigned char>(c) & 15];
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+void synchronize_all() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  for (auto& entry : g_workspaces) entry.second->synchronize();
+}
+
 void reset_all() {
   std::lock_guard<std::mutex> lock(g_mu);
   for (auto& entry : g_workspaces) entry.second->reset();
@@ -309,6 +521,7 @@ void reset_all() {
 
 void destroy_all() {
   std::lock_guard<std::mutex> lock(g_mu);
+  g_pending.clear();
   g_workspaces.clear();
 }
 

@@ -36,6 +36,53 @@ std::vector<std::pair<int, std::vector<uint64_t>>> read_traces();
 // Messages for failures not reported yet (each is returned once).
 std::vector<std::string> take_errors();
 
+// ---- Groups that span processes (jax_moe_ar/multiprocess.py drives these) ----------
+
+// One rank of this process in a group that spans processes.
+struct IpcRank {
+  int device = -1;     // CUDA ordinal in this process
+  int group = 0;       // index of its group among the workspace's groups
+  int rank = 0;        // its rank in the group
+  int nranks = 1;
+};
+
+// Where rank r of a local rank's group lives.
+struct IpcPeer {
+  int local = -1;       // index of a rank of this workspace (same process), or -1
+  std::string handles;  // otherwise: its ipc_handles() from the process that owns it
+  int ordinal = -1;     // that rank's GPU as this process sees it, -1 if not visible
+};
+
+// Allocates this process's ranks of a cross-process workspace; returns its id
+// and, per rank, the CUDA IPC handles of its buffers to publish to the peers.
+// The workspace is pending (find_view does not see it) until ipc_attach.
+std::pair<int64_t, std::vector<std::string>> ipc_create(const std::vector<IpcRank>& ranks,
+                                                         uint64_t slot_bytes, double timeout_s);
+
+// Opens the peers' buffers (peers[i]: the group of local rank i, in rank order)
+// and sets each local rank's grid (group_sms[i]: the smallest grid_cap() over
+// its group, the same in every process). Throws std::runtime_error naming the
+// reason (no peer access, a handle that cannot be opened). Still pending after.
+void ipc_attach(int64_t id, const std::vector<std::vector<IpcPeer>>& peers,
+                const std::vector<int>& group_sms);
+
+// Makes an attached workspace usable (find_view sees it): once every process
+// of its groups has attached.
+void ipc_commit(int64_t id);
+
+// Frees a pending workspace (closing what ipc_attach opened).
+void ipc_discard(int64_t id);
+
+// Blocks one rank on GPU `ordinal` may launch when `sharing` ranks of its group
+// share that GPU (the same rule as create_workspace's virtual ranks).
+int grid_cap(int ordinal, int sharing);
+
+// The UUID (32 hex digits) of every GPU this process sees, by ordinal.
+std::vector<std::string> device_uuids();
+
+// Waits for every GPU of every workspace (the first half of reset_all).
+void synchronize_all();
+
 // Bytes of GPU `ordinal`'s memory in use by anyone (cudaMemGetInfo), for tests.
 uint64_t device_bytes_used(int ordinal);
 

@@ -24,7 +24,7 @@ from jax._src import core as _core  # NamedAxisEffect: the op is a collective li
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from . import _native, reference, workspace
+from . import _native, multiprocess, reference, workspace
 from . import quant as qm
 from ._contract import OP_FLAGS, TARGETS
 from .quant import KIND_NONE, FusedOutputs, QuantStatic
@@ -239,7 +239,21 @@ def _cpu_impl(*args, cfg: OpConfig):
     return jax.ffi.ffi_call(TARGET_CPU_TAIL, types)(*tail_in, **attrs)
 
 
-_cpu_lowering = mlir.lower_fun(_cpu_impl, multiple_results=True)
+_cpu_lower_fun = mlir.lower_fun(_cpu_impl, multiple_results=True)
+
+
+def _call_description(ctx, cfg: OpConfig) -> str:
+    """What processes sharing a group must all lower alike (workspace.plan, multiprocess)."""
+    return repr((cfg, [(tuple(a.shape), str(a.dtype)) for a in ctx.avals_in]))
+
+
+def _cpu_lowering(ctx, *args, cfg: OpConfig):
+    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
+    if mesh is not None and hasattr(mesh, "devices"):
+        groups = workspace.device_groups(mesh, cfg.axes)
+        if multiprocess.spans_processes(groups):
+            multiprocess.check_call(mesh, cfg.axes, _call_description(ctx, cfg))
+    return _cpu_lower_fun(ctx, *args, cfg=cfg)
 
 
 # ---- CUDA: one fused custom call per device ----------------------------------------------
@@ -277,7 +291,7 @@ def _cuda_lowering(ctx, *args, cfg: OpConfig):
         return _xla_lowering(ctx, *args, cfg=cfg)  # measured faster here: a choice, no warning
     largest = max(int(np.prod(a.shape)) for a in ctx.avals_in)
     plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm,
-                          largest)
+                          largest, _call_description(ctx, cfg))
     if plan.workspace_id is None:
         if cfg.algorithm != "auto":
             raise RuntimeError(

@@ -88,3 +88,35 @@ def sharded(fn, mesh, in_specs, out_specs, check_vma: bool = True):
     import jax
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                  check_vma=check_vma))
+
+
+# ---- groups of processes (jax.distributed on localhost) ------------------------------
+
+from ._process_group import (ProcessGroupError, ProcessResult, check_results,  # noqa: E402
+                             run_process_group)
+
+try:
+    import pytest as _pytest
+except ImportError:  # the fixture needs pytest; run_process_group does not
+    _pytest = None
+
+if _pytest is not None:
+    @_pytest.fixture
+    def process_group():
+        """A pytest fixture: the function `run_process_group`, which runs a function in N
+        fresh processes forming one multi-process JAX program and returns what each
+        returned. Use it from your tests after importing it into the test module or your
+        conftest.py (``from jax_moe_ar.testing import process_group``)::
+
+            # my_workers.py (importable; no jax backend use at import time)
+            def body(n):
+                import jax, numpy as np
+                ...  # jax.devices() spans every process
+                return np.asarray(...)          # something that pickles
+
+            def test_two_processes(process_group):
+                results = process_group(my_workers.body, 2, args=(7,), devices_per_process=2)
+
+        See `run_process_group` for platforms, GPU ids, timeouts and failure reports.
+        """
+        return run_process_group

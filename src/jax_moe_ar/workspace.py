@@ -5,7 +5,8 @@ given shape. A workspace covers every group of the mesh along the reduction
 axes (a 2x2 mesh reduced over "tp" has two groups), holds per device the
 peer-visible exchange buffers and counters, and lives until the process exits.
 It is created here, at lowering time on the host — never inside a captured
-region or a handler.
+region or a handler. Groups whose devices belong to several processes get theirs
+from multiprocess.py, which agrees with the other processes first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 
 import numpy as np
 
-from . import _native
+from . import _native, multiprocess
 from ._contract import ALGORITHMS, LIMITS
 
 MAX_GROUP = LIMITS["max_ranks"]          # ranks per group the kernel supports
@@ -123,9 +124,6 @@ def _unservable_reason(groups, H, itemsize, largest) -> str | None:
         return f"an operand of {largest} elements (the kernel indexes at most 2^31 - 1)"
     me = jax.process_index()
     for g in groups:
-        if any(d.process_index != g[0].process_index for d in g):
-            return "a group spans several processes (not supported yet)"
-    for g in groups:
         for d in g:
             if d.process_index != me:
                 continue
@@ -139,9 +137,12 @@ def _unservable_reason(groups, H, itemsize, largest) -> str | None:
     return None
 
 
-def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str, largest: int = 0) -> Plan:
+def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str, largest: int = 0,
+         call: str = "") -> Plan:
     """Finds or creates the workspace for a call of [M, H] rows of `dtype` over `axes`;
-    `largest` is the element count of the call's largest operand."""
+    `largest` is the element count of the call's largest operand. `call` describes the
+    call (the primitive's parameters and operand types): processes that share a group
+    check that they all lowered the same one (multiprocess.py)."""
     mesh = getattr(axis_context, "mesh", None)
     if mesh is None or not hasattr(mesh, "devices"):
         return Plan(None, reason="the call is not inside jax.shard_map over a concrete mesh")
@@ -154,10 +155,21 @@ def plan(axis_context, axes, M: int, H: int, dtype, algorithm: str, largest: int
         # lower-only tests): no workspace can exist; the handler refuses to run.
         return Plan(0, code, reason="lowered without CUDA devices")
     reason = _unservable_reason(groups, H, itemsize, largest)
+    if multiprocess.spans_processes(groups):
+        slot = M * H * itemsize
+        ws, reason = multiprocess.plan_shared(mesh, axes, groups, slot, f"{call} code={code}",
+                                              reason, _capacity(slot), timeout_seconds())
+        return Plan(ws, code, reason=reason)
     if reason is not None:
         return Plan(None, reason=reason)
     ws, reason = _workspace_for(groups, M * H * itemsize)
     return Plan(ws, code, reason=reason)
+
+
+def _capacity(slot_bytes: int) -> int:
+    """Slot size of a new workspace: powers of two, so that a program recompiled for
+    growing shapes creates few workspaces."""
+    return max(MIN_SLOT_BYTES, 1 << (max(slot_bytes, 1) - 1).bit_length())
 
 
 def _workspace_for(groups, slot_bytes: int) -> tuple[int | None, str]:
@@ -172,9 +184,7 @@ def _workspace_for(groups, slot_bytes: int) -> tuple[int | None, str]:
                 return ws, ""
         if local in _refused:
             return None, _refused[local]
-        # Capacity grows in powers of two so a program recompiled for growing
-        # shapes creates few workspaces.
-        cap = max(MIN_SLOT_BYTES, 1 << (max(slot_bytes, 1) - 1).bit_length())
+        cap = _capacity(slot_bytes)
         try:
             ws = _native.workspace_create([list(g) for g in local], cap, timeout_seconds())
         except RuntimeError as e:  # no peer access, allocation failure, ...
@@ -201,8 +211,23 @@ def reset_workspaces() -> None:
     this — while no jax_moe_ar program is running — and the same compiled programs work
     again. It waits for every GPU of every group, then clears the exchange buffers,
     counters and recorded failures (failures not yet taken by `check_errors` are dropped).
+
+    Groups that span processes: every process that shares a workspace with this one must
+    call it too (it is collective, like the calls). Each process waits for its own GPUs,
+    then for the others (jax.distributed's key-value store, bounded by
+    $JAX_MOE_AR_KV_TIMEOUT_S), clears its own ranks, and waits for the others again, so
+    that no process's next call lands in a buffer a peer has not cleared yet. The mapped
+    peers' buffers stay mapped: compiled programs keep working after it.
     """
-    if getattr(_native, "with_cuda", False):
+    if not getattr(_native, "with_cuda", False):
+        return
+    peers = multiprocess.reset_peers()
+    if len(peers) > 1:
+        _native.synchronize_all()
+        multiprocess.barrier(peers, "before")
+        _native.reset_all()
+        multiprocess.barrier(peers, "after")
+    else:
         _native.reset_all()
 
 
