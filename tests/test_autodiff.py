@@ -212,8 +212,11 @@ def test_quant_outputs_carry_no_gradient(mesh):
     with_res = _moe_grads(mesh, args, algorithm=_fused(mesh), outputs=("residual", "quant"),
                           quant=mar.NvFp4(600.0))
     res_only = _moe_grads(mesh, args, algorithm=_fused(mesh), outputs=("residual",))
+    # The same cotangent flows either way; the backward pass is XLA's, whose GPU fusions
+    # may round differently in the two programs (seen on 1xH200 in the last bits).
     for name, a, b in zip(NAMES, with_res, res_only):
-        assert np.array_equal(np.asarray(a), np.asarray(b)), name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
 
 
 def test_vjp_integer_indices_get_float0(mesh):
