@@ -130,9 +130,27 @@ struct ReduceSlots {
   R v[2][kMaxCluster][kMaxWarps];
 };
 
+// A block may write into another block's shared memory only once that block
+// has started: every thread arrives on the cluster barrier at entry
+// (ClusterEntry::arrive) and waits on it before its first remote store
+// (ClusterEntry::enter), which by then costs nothing.
+struct ClusterEntry {
+  bool pending = false;
+  __device__ void arrive(int C) {
+    if (C == 1) return;
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    pending = true;
+  }
+  __device__ void enter() {
+    if (!pending) return;
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    pending = false;
+  }
+};
+
 template <typename R, typename Op>
 __device__ __forceinline__ R cluster_reduce(R v, ReduceSlots<R>& slots, uint32_t& parity, int C,
-                                            Op op) {
+                                            Op op, ClusterEntry& entry) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -145,6 +163,7 @@ __device__ __forceinline__ R cluster_reduce(R v, ReduceSlots<R>& slots, uint32_t
   } else {
     cg::cluster_group cluster = cg::this_cluster();
     const unsigned me = cluster.block_rank();
+    entry.enter();
     if ((threadIdx.x & 31) == 0)
       for (int c = 0; c < C; ++c) cluster.map_shared_rank(&slots, unsigned(c))->v[p][me][warp] = v;
     cluster.sync();

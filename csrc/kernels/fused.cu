@@ -194,6 +194,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const Place p = place_of<T>(a, g);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
+  ts.entry.arrive(int(p.C));
   zero_swizzle_padding_rows(a, p.M);
   uint32_t m = p.cluster;
   auto produce = [&](uint32_t row) {  // this rank's wire of `row`, pushed to every peer
@@ -231,6 +232,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     own = own_next;
     res = res_next;
   }
+  ts.entry.enter();  // a block without rows still completes the entry barrier
   finish_call(x, st.epoch);
   tr.lap(kTraceOther);
   tr.done(st.epoch);
@@ -256,6 +258,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const Place p = place_of<T>(a, g);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
+  ts.entry.arrive(int(p.C));
   const uint32_t chunk = (p.M + uint32_t(x.nranks) - 1) / uint32_t(x.nranks);
   auto owner = [chunk](uint32_t m) { return int(m / chunk); };
   // Reduce-scatter (SPEC §2.1): the owned rows are the whole output; residual
@@ -327,6 +330,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     tr.lap(kTraceFinish);
     tr.row();
   }
+  ts.entry.enter();  // a block without rows still completes the entry barrier
   finish_call(x, st.epoch);
   tr.lap(kTraceOther);
   tr.done(st.epoch);

@@ -31,6 +31,7 @@ struct TailShared {
 // Per-thread state carried from row to row (parities of the cluster slots) and
 // what is constant over the call.
 struct TailState {
+  ClusterEntry entry;  // armed at kernel entry: see ClusterEntry
   uint32_t parity_d = 0, parity_f = 0;
   float static_inv = 0.0f;  // FP8 static: 1 / scale
   int lanes = 0;            // lanes per scale group (quantize_lanes), 0: staged
@@ -104,11 +105,12 @@ __device__ __forceinline__ void store_fp8_codes(uint8_t* out, const float (&q)[V
 // the cluster. Ends with a cluster barrier: `stage` may be rewritten after it.
 template <typename T>
 __device__ void quantize_staged(const LayerArgs& a, TailPlace at, const T* stage, uint32_t slice,
-                                int C) {
+                                int C, ClusterEntry& entry) {
   const OpConfig& c = a.cfg;
   const uint32_t H = uint32_t(a.H), gs = uint32_t(c.group_size);
   cg::cluster_group cluster = cg::this_cluster();
   const uint32_t rank = C > 1 ? cluster.block_rank() : 0u;
+  entry.enter();
   if (C > 1) cluster.sync(); else __syncthreads();  // every block's stage is written
   const uint32_t lo = rank * slice, hi = min(lo + slice, H);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -150,7 +152,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool acti
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_sq = add_square(sum_sq, f[j]);
   }
-  const double total = cluster_reduce(sum_sq, sh.sum, ts.parity_d, C, Sum{});
+  const double total = cluster_reduce(sum_sq, sh.sum, ts.parity_d, C, Sum{}, ts.entry);
   const float inv = rms_inv(total, H, c.eps);
   float q[V] = {};  // f32(norm_out)
   float amax = 0.0f;
@@ -170,7 +172,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool acti
       if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, ts.static_inv);
       break;
     case QuantKind::kFp8PerToken: {
-      const float s = fp8_scale(cluster_reduce(amax, sh.max, ts.parity_f, C, NanMax{}));
+      const float s = fp8_scale(cluster_reduce(amax, sh.max, ts.parity_f, C, NanMax{}, ts.entry));
       if (threadIdx.x == 0 && (C == 1 || cg::this_cluster().block_rank() == 0))
         static_cast<float*>(a.scale_out)[at.m] = s;
       if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, div_rn(1.0f, s));
@@ -179,7 +181,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool acti
     case QuantKind::kFp8PerGroup: {
       if (ts.lanes == 0) {
         if (active) *reinterpret_cast<uint4*>(stage + (threadIdx.x * V)) = PK::pack(q);
-        quantize_staged<T>(a, at, stage, slice, C);
+        quantize_staged<T>(a, at, stage, slice, C, ts.entry);
         break;
       }
       float s = fp8_scale(lanes_nan_max(amax, ts.lanes));
