@@ -337,3 +337,19 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     why = report.write_plot(str(tmp_path / "bench.png"), [], {}, ("auto",))
     assert 'pip install "jax_moe_ar[bench]"' in why
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_bench_scatter_times_the_reduce_scatter_variant(tmp_path):
+    """`bench --scatter`: rows of the reduce-scatter variant against the psum_scatter
+    composition, M not divisible by N skipped, the floor half an all-reduce's."""
+    proc = run_cli("bench", "--scatter", "--ranks", "2", "--M", "2,3", "--quant", "none",
+                   "--chain", "2", "--reps", "1", "--warmup", "1", "--out", str(tmp_path),
+                   timeout=300)
+    assert proc.returncode == 0, _explain(proc)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert "reduce_scatter" in data["meta"]["op"]
+    (row,) = data["rows"]
+    assert row["M"] == 2 and row["scatter"] is True
+    assert row["floor_bytes"] == 0.5 * 2 * 256 * 2  # (N-1)/N * M*H*bytes(bf16)
+    assert row["check"]["auto"]["ok"], row["check"]
+    assert "op: moe_finalize_reduce_scatter" in proc.stdout

@@ -90,7 +90,8 @@ def make_inputs(mesh, N, M, H, K, E, T, seed):
                 residual=res, norm_weight=nw, rows=rows)
 
 
-def in_specs():
-    """shard_map in_specs of the IN_SPEC_NAMES operands."""
+def in_specs(scatter=False):
+    """shard_map in_specs of the IN_SPEC_NAMES operands; with `scatter` the residual is
+    token-sharded (each rank's M/N rows), as the reduce-scatter variant takes it."""
     from jax.sharding import PartitionSpec as P
-    return (P("tp"), P("tp"), P("tp"), P("tp"), P(), P())
+    return (P("tp"), P("tp"), P("tp"), P("tp"), P("tp") if scatter else P(), P())

@@ -9,7 +9,8 @@ from .inputs import ROUTED_SCALING_FACTOR, in_specs, quant_spec
 # The pseudo-algorithm of the chain whose calls are the no-op custom call (csrc/ffi/noop.cc).
 NOOP = "noop"
 NOOP_TARGET = TARGETS["noop"]  # csrc/ffi/noop.cc
-FLOOR_FORMULA = "floor = (N-1)/N * M*H*2*bytes(T) / BW"
+FLOOR_FORMULA = ("floor = (N-1)/N * M*H*2*bytes(T) / BW (with --scatter: (N-1)/N * M*H*bytes(T)"
+                 " / BW)")
 
 
 def _to_varying(x):
@@ -25,15 +26,20 @@ def _to_varying(x):
     return lax.pvary(x, ("tp",))  # older jax
 
 
-def _op_step(quant_name, algorithm, nw):
-    """One call of the op: (previous outputs, operands) -> its outputs, residual first."""
+def _op(scatter):
+    """The public function a chain calls: the all-reduce or (scatter) the reduce-scatter."""
     import jax_moe_ar as mar
+    return mar.moe_finalize_reduce_scatter if scatter else mar.moe_finalize_allreduce
+
+
+def _op_step(quant_name, algorithm, nw, scatter=False):
+    """One call of the op: (previous outputs, operands) -> its outputs, residual first."""
     q = quant_spec(quant_name)
+    op = _op(scatter)
 
     def step(prev, ex, idx, sc, sh):
-        out = mar.moe_finalize_allreduce(
-            ex, idx, prev[0], nw, axis_name="tp", expert_scales=sc, shared_expert_out=sh,
-            routed_scaling_factor=ROUTED_SCALING_FACTOR, quant=q, algorithm=algorithm)
+        out = op(ex, idx, prev[0], nw, axis_name="tp", expert_scales=sc, shared_expert_out=sh,
+                 routed_scaling_factor=ROUTED_SCALING_FACTOR, quant=q, algorithm=algorithm)
         return tuple(o for o in out if o is not None)
 
     return step
@@ -61,10 +67,11 @@ def _noop_step(quant_name, nw):
     return step
 
 
-def chain_program(mesh, quant_name, algorithm, chain, unroll):
+def chain_program(mesh, quant_name, algorithm, chain, unroll, scatter=False):
     """jit(shard_map) of `chain` chained calls of the op (``algorithm`` "auto", "oneshot",
-    "twoshot" or "xla") or of the no-op custom call (``NOOP``); returns every output of
-    the last call (per rank, stacked along "tp")."""
+    "twoshot" or "xla"; with ``scatter`` the reduce-scatter variant, whose residual is each
+    rank's M/N rows) or of the no-op custom call (``NOOP``); returns every output of the
+    last call (per rank, stacked along "tp")."""
     import jax
     from jax import lax
     from jax.sharding import PartitionSpec as P
@@ -74,7 +81,7 @@ def chain_program(mesh, quant_name, algorithm, chain, unroll):
 
     def body(ex, idx, sc, sh, res, nw):
         step = (_noop_step(quant_name, nw) if algorithm == NOOP
-                else _op_step(quant_name, algorithm, nw))
+                else _op_step(quant_name, algorithm, nw, scatter))
 
         def call(prev, ex, idx, sc, sh):
             outs = step(prev, ex, idx, sc, sh)
@@ -95,11 +102,11 @@ def chain_program(mesh, quant_name, algorithm, chain, unroll):
         carry = steps(n_tail, carry)
         return carry[0]
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs(), out_specs=P("tp"),
-                                 check_vma=True))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs(scatter),
+                                 out_specs=P("tp"), check_vma=True))
 
 
-def check_program(mesh, quant_name, algorithm):
+def check_program(mesh, quant_name, algorithm, scatter=False):
     """One fused and one xla call on the same inputs; returns both residuals."""
     import jax
     from jax.sharding import PartitionSpec as P
@@ -110,18 +117,19 @@ def check_program(mesh, quant_name, algorithm):
         q = quant_spec(quant_name)
         kw = dict(axis_name="tp", expert_scales=sc, shared_expert_out=sh,
                   routed_scaling_factor=ROUTED_SCALING_FACTOR, quant=q)
-        a = mar.moe_finalize_allreduce(ex, idx, res, nw, algorithm=algorithm, **kw)
-        b = mar.moe_finalize_allreduce(ex, idx, res, nw, algorithm="xla", **kw)
+        a = _op(scatter)(ex, idx, res, nw, algorithm=algorithm, **kw)
+        b = _op(scatter)(ex, idx, res, nw, algorithm="xla", **kw)
         return a.residual, b.residual
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs(), out_specs=P(),
-                                 check_vma=True))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs(scatter),
+                                 out_specs=P("tp") if scatter else P(), check_vma=True))
 
 
-def floor_bytes(N, M, H, itemsize, quant_name):
+def floor_bytes(N, M, H, itemsize, quant_name, scatter=False):
     """(N-1)/N * M*H*2*bytes(T): a reduce-scatter of the T partials plus an all-gather
     of residual_out in T, per GPU. The bench asks for the default outputs, which always
     include residual_out: from it every rank derives norm and quant itself, so no
-    smaller all-gather can carry them (the bytes of an all-reduce of T)."""
+    smaller all-gather can carry them (the bytes of an all-reduce of T). A reduce-scatter
+    (SPEC §2.1) keeps each rank's rows: only the first half, (N-1)/N * M*H*bytes(T)."""
     del quant_name  # the default outputs all carry residual_out
-    return (N - 1) / N * 2 * M * H * itemsize
+    return (N - 1) / N * (1 if scatter else 2) * M * H * itemsize

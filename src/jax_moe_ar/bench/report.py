@@ -77,6 +77,7 @@ def summary_lines(meta, rows, algorithms, floor_formula, bwtxt):
     out = [f"\njax_moe_ar bench — {meta['device_count']} x {meta['device_kind']} ({platform}), "
            f"jax {meta['jax_version']}, H={meta['H']}, K={meta['K']}, {meta['dtype']}, "
            f"chain={meta['chain']} calls per program",
+           f"op: {meta.get('op', 'moe_finalize_allreduce')}",
            "fused path: " + ("; ".join(f"{p} = {PATH_DESCRIPTIONS.get(p, p)}" for p in paths)
                              or "n/a")]
     if "xla" in paths and platform == "gpu":

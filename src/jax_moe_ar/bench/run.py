@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MiB copied GPU 0 -> GPU 1 to measure the link bandwidth")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the profiled run (no kernel times)")
+    parser.add_argument("--scatter", action="store_true",
+                        help="time the reduce-scatter variant (moe_finalize_reduce_scatter: "
+                             "each rank keeps M/N rows) against the lax.psum_scatter "
+                             "composition; rows whose M is not a multiple of N are skipped")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the single-call fused vs xla agreement check per row")
     parser.add_argument("--out", default="bench_out",
@@ -193,6 +197,9 @@ def _meta(args, hello, s):
     meta.update(H=s.H, K=args.K, experts=args.experts, dtype=args.dtype, chain=s.chain,
                 unroll=args.unroll, reps=args.reps, warmup=args.warmup,
                 routed_scaling_factor=ROUTED_SCALING_FACTOR, algorithms=list(args.algorithms),
+                op=("moe_finalize_reduce_scatter (each rank keeps M/N rows) vs the "
+                    "lax.psum_scatter composition" if args.scatter else
+                    "moe_finalize_allreduce vs the lax.psum composition"),
                 isolation="in-process" if args.in_process else "worker process",
                 floor_formula=FLOOR_FORMULA.replace("BW", "bandwidth") +
                 " — reduce-scatter of the T partials + all-gather of the requested outputs, "
@@ -263,11 +270,15 @@ def _measure_rows(args, pool, s, meta, bandwidth, t_start, save):
     rows = []
     for N in s.ranks:
         for M in s.Ms:
+            if args.scatter and M % N:
+                _progress(t_start, f"skipping M={M} with N={N}: the reduce-scatter needs M "
+                                   "divisible by N")
+                continue
             for q in args.quant:
                 task = dict(N=N, M=M, quant=q, H=s.H, K=args.K, E=args.experts,
                             dtype=args.dtype, chain=s.chain, unroll=args.unroll,
                             reps=args.reps, warmup=args.warmup, profile=not args.no_profile,
-                            seed=args.seed + 1000 * N + M)
+                            seed=args.seed + 1000 * N + M, scatter=args.scatter)
                 rows.append(measure_row(pool, task, args, itemsize, bandwidth,
                                         one_shot_skipped))
                 _progress(t_start, _row_message(rows[-1], len(rows), total, args.algorithms))
@@ -279,8 +290,9 @@ def measure_row(pool, task, args, itemsize, bandwidth, one_shot_skipped=None):
     """One (ranks, quant, M) row: both xla columns, each fused algorithm, the no-op chain,
     the checks, and what follows from them (speedups, % of floor, beyond no-op)."""
     N, M, H, q = task["N"], task["M"], task["H"], task["quant"]
-    fb = floor_bytes(N, M, H, itemsize, q)
+    fb = floor_bytes(N, M, H, itemsize, q, scatter=task.get("scatter", False))
     row = dict(ranks=N, quant=q, M=M, H=H, K=task["K"], dtype=task["dtype"],
+               scatter=task.get("scatter", False),
                rows_per_rank=None, floor_bytes=fb,
                floor_us=fb / (bandwidth * 1e9) * 1e6 if bandwidth else None,
                xla={}, xla_one_shot={}, noop={}, fused={}, errors={}, speedup={},

@@ -112,8 +112,8 @@ class Runner:
         args = tuple(inp[n] for n in IN_SPEC_NAMES)
         res = dict(rows_per_rank=inp["rows"])
         t0 = time.perf_counter()
-        compiled = chain_program(mesh, t["quant"], t["algo"], t["chain"], t["unroll"]) \
-            .lower(*args).compile()
+        compiled = chain_program(mesh, t["quant"], t["algo"], t["chain"], t["unroll"],
+                                 t.get("scatter", False)).lower(*args).compile()
         res["compile_s"] = time.perf_counter() - t0
         text = compiled.as_text()
         if t["algo"] != NOOP:
@@ -144,7 +144,7 @@ class Runner:
     def _check(self, t):
         mesh, _, inp = self._case(t)
         args = tuple(inp[n] for n in IN_SPEC_NAMES)
-        a, b = check_program(mesh, t["quant"], t["algo"])(*args)
+        a, b = check_program(mesh, t["quant"], t["algo"], t.get("scatter", False))(*args)
         a = np.asarray(a, np.float32)
         b = np.asarray(b, np.float32)
         rel = float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
