@@ -27,7 +27,8 @@
 // A reduce-scatter (kScatter) is phases 1 and 2, with the owned rows as its
 // output. Every wait depends only on pushes that never wait, so every wait ends.
 // The math is common/ (the CPU path runs the same functions); this file only
-// decides who computes what.
+// decides who computes what. (Over 400 lines: both algorithms share the wire,
+// exchange and launch code around them, which belongs with them.)
 #include <algorithm>
 #include <map>
 #include <mutex>

@@ -1,3 +1,9 @@
+// Exchange workspaces: per device group, the peer-visible buffers, counters
+// and error records, and the views the kernels read. Over 400 lines because
+// both ways a workspace comes to be — every rank in this process
+// (create_workspace) or ranks spread over processes, joined through CUDA IPC
+// (ipc_create / ipc_attach / ipc_commit) — share one Workspace class and its
+// reset, error and lifetime handling.
 #include "workspace.h"
 
 #include <cuda_runtime.h>

@@ -1,4 +1,6 @@
 """``python -m jax_moe_ar demo``: a small MoE decode layer that ends in the fused op.
+(Over 400 lines: the all-reduce layer end and, with ``--scatter``, its sequence-parallel
+reduce-scatter counterpart share the model and the checks.)
 
 The layer runs inside ``jax.jit(jax.shard_map(..., check_vma=True))`` over every local
 device (one mesh axis ``"tp"``, the tensor/expert-parallel group). Per step:

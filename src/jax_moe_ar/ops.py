@@ -1,4 +1,9 @@
-"""Public functions of SPEC §2: validate (SPEC §4), choose the path, bind the primitive."""
+"""Public functions of SPEC §2 and §2.1: validate (SPEC §4), choose the path, bind the
+primitive.
+
+Over 400 lines because the four public functions live together with the checks they
+share, and half the file is their user-facing docstrings (every argument's per-rank shape,
+dtype and meaning); the logic per function is short."""
 
 from __future__ import annotations
 
