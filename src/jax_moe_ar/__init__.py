@@ -8,7 +8,7 @@ with and which path a call takes on this machine's devices."""
 
 from . import reference
 from .debug import DebugWarning
-from .info import BuildInfo, build_info
+from .info import BuildInfo, __version__, build_info
 from .ops import (allreduce_rmsnorm, moe_finalize_allreduce, moe_finalize_reduce_scatter,
                   reduce_scatter_rmsnorm)
 from .quant import Fp8PerGroup, Fp8PerToken, Fp8Static, FusedOutputs, NvFp4, dequantize
@@ -32,4 +32,3 @@ __all__ = [
     "DebugWarning",
     "reference",
 ]
-__version__ = "0.1.0"

@@ -1,6 +1,7 @@
-"""The numbers and names Python shares with the C++ side — quant kinds, option flags,
-algorithm codes, limits and custom-call targets — read from the compiled module, where
-csrc/common/config.h defines each of them once."""
+"""The compiled module, and the numbers and names Python shares with the C++ side — quant
+kinds, option flags, algorithm codes, limits and custom-call targets — read from it
+(csrc/common/config.h defines each of them once). The package reaches the compiled module
+only through here."""
 
 from __future__ import annotations
 

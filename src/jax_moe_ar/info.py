@@ -5,7 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import _native, workspace
+from importlib import metadata
+
+from . import workspace
+from ._contract import _native
+
+try:  # the version pyproject.toml gives, as installed
+    __version__ = metadata.version("jax_moe_ar")
+except metadata.PackageNotFoundError:  # imported from a tree that was never installed
+    __version__ = "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,6 @@ def build_info() -> BuildInfo:
     import jax
     import jaxlib
 
-    from . import __version__
     devices = jax.devices()
     path, reason = _path(devices)
     with_cuda = bool(getattr(_native, "with_cuda", False))

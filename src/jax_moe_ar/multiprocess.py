@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from . import _native
+from ._contract import _native
 
 KV_TIMEOUT_ENV = "JAX_MOE_AR_KV_TIMEOUT_S"
 DEFAULT_KV_TIMEOUT_S = 120.0

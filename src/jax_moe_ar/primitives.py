@@ -24,9 +24,9 @@ from jax._src import core as _core  # NamedAxisEffect: the op is a collective li
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from . import _native, multiprocess, reference, workspace
+from . import multiprocess, reference, workspace
 from . import quant as qm
-from ._contract import OP_FLAGS, TARGETS
+from ._contract import OP_FLAGS, TARGETS, _native
 from .quant import KIND_NONE, FusedOutputs, QuantStatic
 
 TARGET_FUSED = TARGETS["fused"]

@@ -18,8 +18,8 @@ import threading
 
 import numpy as np
 
-from . import _native, multiprocess
-from ._contract import ALGORITHMS, LIMITS
+from . import multiprocess
+from ._contract import ALGORITHMS, LIMITS, _native
 
 MAX_GROUP = LIMITS["max_ranks"]          # ranks per group the kernel supports
 MAX_ROW_BYTES = LIMITS["max_row_bytes"]  # one row of T per block
