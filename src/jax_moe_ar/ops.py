@@ -296,29 +296,9 @@ def moe_finalize_allreduce(expert_out, permuted_idx, residual, norm_weight, *, a
         rank and zeros on the others, or divide it by N. None means 0.
       routed_scaling_factor: Python float (static, rounded to float32). Multiplies the
         routed sum once, after the top-k sum (Kimi K2, DeepSeek V3, GLM).{keywords}"""
-    T, M, K, H = _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
-                              shared_expert_out)
-    rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
-    outs, axes, eps, offset = _common(residual, norm_weight, M, H, T, quant, outputs, algorithm,
-                                      axis_name, eps, norm_weight_offset, source="expert_out")
-    if debug:
-        debug_checks.check_moe(axes, expert_out, permuted_idx, residual, norm_weight,
-                               expert_scales, shared_expert_out, quant)
-    if M == 0:
-        return _empty(M, H, T, quant, outs)
-    if _use_xla(algorithm):
-        return reference.moe_finalize_allreduce(
-            expert_out, permuted_idx, residual, norm_weight, axis_name=axes,
-            expert_scales=expert_scales, shared_expert_out=shared_expert_out,
-            routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, quant=quant,
-            outputs=outs)
-    cfg = primitives.OpConfig(
-        dense=False, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
-        has_scales=expert_scales is not None, has_shared=shared_expert_out is not None,
-        routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm)
-    operands = [expert_out, permuted_idx, residual, norm_weight]
-    operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
-    return transforms.fused(cfg, operands, scale_operand(quant))
+    return _moe(expert_out, permuted_idx, residual, norm_weight, axis_name, expert_scales,
+                shared_expert_out, routed_scaling_factor, eps, norm_weight_offset, quant,
+                outputs, algorithm, debug, scatter=False)
 
 
 def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_weight_offset=0.0,
@@ -333,24 +313,8 @@ def allreduce_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6, norm_wei
       x: [M, H] T. This rank's partial sum. H, the hidden size, is a positive multiple of
         16; M (tokens) may be 0. An ``x`` replicated on every rank is counted N
         times.{stream}{keywords}"""
-    T = _float_dtype("x", x)
-    _ndim("x", x, 2, "[M, H]")
-    M = x.shape[0]
-    H = _hidden_size("x", x, residual, norm_weight)
-    outs, axes, eps, offset = _common(residual, norm_weight, M, H, T, quant, outputs, algorithm,
-                                      axis_name, eps, norm_weight_offset, source="x")
-    if debug:
-        debug_checks.check_dense(axes, x, residual, norm_weight, quant)
-    if M == 0:
-        return _empty(M, H, T, quant, outs)
-    if _use_xla(algorithm):
-        return reference.allreduce_rmsnorm(x, residual, norm_weight, axis_name=axes, eps=eps,
-                                           norm_weight_offset=offset, quant=quant, outputs=outs)
-    cfg = primitives.OpConfig(
-        dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
-        has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
-        norm_weight_offset=offset, algorithm=algorithm)
-    return transforms.fused(cfg, [x, residual, norm_weight], scale_operand(quant))
+    return _dense(x, residual, norm_weight, axis_name, eps, norm_weight_offset, quant,
+                  outputs, algorithm, debug, scatter=False)
 
 
 # ---- reduce-scatter variants (SPEC §2.1) ------------------------------------------------
@@ -412,31 +376,9 @@ def moe_finalize_reduce_scatter(expert_out, permuted_idx, residual, norm_weight,
     to differentiate: the fused variants have no gradient rule yet (they raise under
     ``jax.grad``); ``jax.vmap`` runs them as a loop.
     """
-    T, M, K, H = _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
-                              shared_expert_out)
-    rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
-    rows = _scatter_rows("permuted_idx", M, H, residual, axis_name)
-    outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
-                                      algorithm, axis_name, eps, norm_weight_offset,
-                                      source="expert_out")
-    if M == 0:
-        return _empty_varying(0, H, T, quant, outs, axes,
-                              (expert_out, permuted_idx, residual, expert_scales,
-                               shared_expert_out))
-    if _use_xla(algorithm):
-        return reference.moe_finalize_reduce_scatter(
-            expert_out, permuted_idx, residual, norm_weight, axis_name=axes,
-            expert_scales=expert_scales, shared_expert_out=shared_expert_out,
-            routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, quant=quant,
-            outputs=outs)
-    cfg = primitives.OpConfig(
-        dense=False, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
-        has_scales=expert_scales is not None, has_shared=shared_expert_out is not None,
-        routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm,
-        scatter=True)
-    operands = [expert_out, permuted_idx, residual, norm_weight]
-    operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
-    return transforms.fused(cfg, operands, scale_operand(quant))
+    return _moe(expert_out, permuted_idx, residual, norm_weight, axis_name, expert_scales,
+                shared_expert_out, routed_scaling_factor, eps, norm_weight_offset, quant,
+                outputs, algorithm, False, scatter=True)
 
 
 def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
@@ -446,23 +388,69 @@ def reduce_scatter_rmsnorm(x, residual, norm_weight, *, axis_name, eps=1e-6,
     add this rank's residual rows [M/N, H], RMSNorm and (optionally) quantize — SPEC §2.1.
     Same keywords as ``allreduce_rmsnorm``; rows, typing, the CUDA path and the
     transformations as in ``moe_finalize_reduce_scatter``. Call inside ``jax.shard_map``."""
+    return _dense(x, residual, norm_weight, axis_name, eps, norm_weight_offset, quant,
+                  outputs, algorithm, False, scatter=True)
+
+
+# ---- the two bodies: the MoE and the dense layer end, all-reduce or reduce-scatter ------
+
+def _moe(expert_out, permuted_idx, residual, norm_weight, axis_name, expert_scales,
+         shared_expert_out, routed_scaling_factor, eps, norm_weight_offset, quant, outputs,
+         algorithm, debug, *, scatter):
+    T, M, K, H = _moe_partial(expert_out, permuted_idx, residual, norm_weight, expert_scales,
+                              shared_expert_out)
+    rsf = _static_float("routed_scaling_factor", routed_scaling_factor)
+    rows = _scatter_rows("permuted_idx", M, H, residual, axis_name) if scatter else M
+    outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
+                                      algorithm, axis_name, eps, norm_weight_offset,
+                                      source="expert_out")
+    if debug:
+        debug_checks.check_moe(axes, expert_out, permuted_idx, residual, norm_weight,
+                               expert_scales, shared_expert_out, quant)
+    if M == 0:
+        return (_empty_varying(0, H, T, quant, outs, axes,
+                               (expert_out, permuted_idx, residual, expert_scales,
+                                shared_expert_out))
+                if scatter else _empty(M, H, T, quant, outs))
+    if _use_xla(algorithm):
+        ref = (reference.moe_finalize_reduce_scatter if scatter
+               else reference.moe_finalize_allreduce)
+        return ref(expert_out, permuted_idx, residual, norm_weight, axis_name=axes,
+                   expert_scales=expert_scales, shared_expert_out=shared_expert_out,
+                   routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, quant=quant,
+                   outputs=outs)
+    cfg = primitives.OpConfig(
+        dense=False, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
+        has_scales=expert_scales is not None, has_shared=shared_expert_out is not None,
+        routed_scaling_factor=rsf, eps=eps, norm_weight_offset=offset, algorithm=algorithm,
+        scatter=scatter)
+    operands = [expert_out, permuted_idx, residual, norm_weight]
+    operands += [a for a in (expert_scales, shared_expert_out) if a is not None]
+    return transforms.fused(cfg, operands, scale_operand(quant))
+
+
+def _dense(x, residual, norm_weight, axis_name, eps, norm_weight_offset, quant, outputs,
+           algorithm, debug, *, scatter):
     T = _float_dtype("x", x)
     _ndim("x", x, 2, "[M, H]")
     M = x.shape[0]
     H = _hidden_size("x", x, residual, norm_weight)
-    rows = _scatter_rows("x", M, H, residual, axis_name)
+    rows = _scatter_rows("x", M, H, residual, axis_name) if scatter else M
     outs, axes, eps, offset = _common(residual, norm_weight, rows, H, T, quant, outputs,
                                       algorithm, axis_name, eps, norm_weight_offset, source="x")
+    if debug:
+        debug_checks.check_dense(axes, x, residual, norm_weight, quant)
     if M == 0:
-        return _empty_varying(0, H, T, quant, outs, axes, (x, residual))
+        return (_empty_varying(0, H, T, quant, outs, axes, (x, residual)) if scatter
+                else _empty(M, H, T, quant, outs))
     if _use_xla(algorithm):
-        return reference.reduce_scatter_rmsnorm(x, residual, norm_weight, axis_name=axes,
-                                                eps=eps, norm_weight_offset=offset,
-                                                quant=quant, outputs=outs)
+        ref = reference.reduce_scatter_rmsnorm if scatter else reference.allreduce_rmsnorm
+        return ref(x, residual, norm_weight, axis_name=axes, eps=eps, norm_weight_offset=offset,
+                   quant=quant, outputs=outs)
     cfg = primitives.OpConfig(
         dense=True, axes=axes, outputs=outs, quant=_static_quant(quant, outs),
         has_scales=False, has_shared=False, routed_scaling_factor=1.0, eps=eps,
-        norm_weight_offset=offset, algorithm=algorithm, scatter=True)
+        norm_weight_offset=offset, algorithm=algorithm, scatter=scatter)
     return transforms.fused(cfg, [x, residual, norm_weight], scale_operand(quant))
 
 
