@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: build the harness, time it (1 and 2 ranks), and profile single
+# One device call: build the harness, time it (groups of one, virtual ranks), and profile single
 # kernels with ncu (--ranks 1). Everything lands under $OUT.
 # Usage (repo root, device machine): bash scripts/harness/profile.sh [M...]
 set -uo pipefail
