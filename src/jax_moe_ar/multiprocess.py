@@ -27,17 +27,22 @@ DEFAULT_KV_TIMEOUT_S = 120.0
 PREFIX = "jax_moe_ar/v1"
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from $name (default when unset); a clear error otherwise."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {raw!r}")
+    return value
+
+
 def kv_timeout_seconds() -> float:
     """Bound on each wait for another process at lowering or reset, from
     $JAX_MOE_AR_KV_TIMEOUT_S (default 120 s)."""
-    raw = os.environ.get(KV_TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_KV_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"{KV_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{KV_TIMEOUT_ENV} must be > 0, got {raw!r}")
-    return value
+    return env_seconds(KV_TIMEOUT_ENV, DEFAULT_KV_TIMEOUT_S)
 
 
 def spans_processes(groups) -> bool:

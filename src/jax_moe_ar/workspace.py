@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import os
 import threading
 
 import numpy as np
@@ -97,14 +96,7 @@ def device_groups(mesh, axes) -> list[tuple]:
 
 def timeout_seconds() -> float:
     """Bound on every wait of the kernels, from $JAX_MOE_AR_TIMEOUT_S (default 10 s)."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
-    return value
+    return multiprocess.env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 _lock = threading.Lock()

@@ -111,8 +111,6 @@ def check_program(mesh, quant_name, algorithm, scatter=False):
     import jax
     from jax.sharding import PartitionSpec as P
 
-    import jax_moe_ar as mar
-
     def body(ex, idx, sc, sh, res, nw):
         q = quant_spec(quant_name)
         kw = dict(axis_name="tp", expert_scales=sc, shared_expert_out=sh,
