@@ -72,9 +72,9 @@ def test_staged_group_quantizer(harness, group_size):
     assert "CHECK OK" in out and "VERIFY OK" in out, out[-4000:]
 
 
-@pytest.mark.parametrize("ranks,quant,M", [(r, q, M) for r in (1, 2, 4)
-                                          for q in ("none", "fp8_per_group", "nvfp4")
-                                          for M in (r, 700 * r)] + [(3, "fp8_per_token", 9)],
+@pytest.mark.parametrize("ranks,quant,M", [(r, q, M) for r in (1, 2, 4) for q in QUANTS
+                                          for M in (r, 700 * r)]
+                         + [(3, q, M) for q in QUANTS for M in (9, 3003)],
                          ids=lambda v: str(v))
 def test_reduce_scatter_rows_equal_allreduce(harness, ranks, quant, M):
     """SPEC §2.1: every rank's M/N reduce-scatter rows equal, byte for byte, the matching
