@@ -109,15 +109,21 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 }
 
 // ---- reductions (fixed order, so every rank gets the same bits) -------------
-// Over a row's blocks (a cluster of C blocks). Each warp's value (a shuffle
-// tree) is stored by its lane 0 into slot [c][warp] of EVERY block of the
-// cluster; after one cluster barrier each thread combines the C x warps slots
-// of its own block in (c, warp) order — one barrier per reduction and only
-// local shared-memory reads. Reductions alternate between two sets of slots:
-// a block writes set i % 2 for its i-th reduction, which its peers have
-// stopped reading once it could pass the barrier of reduction i + 1, so no
-// second barrier is needed, and none before a block exits (after its last
-// barrier nobody touches another block's memory).
+// Over a row's blocks (a cluster of C blocks, C = 1 for a row in one block).
+// A thread holds VPT vectors of the row, vector i of block c's slice being
+// [c*TR*VPT + i*TR, +TR) (Place in fused.cu), so the row falls into groups of
+// 32 consecutive vectors, one per (block, i, warp). Each group's value is a
+// shuffle tree over its warp, stored by lane 0 into slot (c, i, warp) of EVERY
+// block of the cluster; after one barrier each thread folds the slots of its
+// own block in (c, i, warp) order, which is the order of the vectors. The
+// result therefore depends on the row width only, never on C, TR or VPT: a
+// row gives the same bits in every geometry (groups past the row's end hold
+// zeros, which change no sum). One barrier per reduction and only local
+// shared-memory reads. Reductions alternate between two sets of slots: a block
+// writes set i % 2 for its i-th reduction, which its peers have stopped
+// reading once it could pass the barrier of reduction i + 1, so no second
+// barrier is needed, and none before a block exits (after its last barrier
+// nobody touches another block's memory).
 struct Sum {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
@@ -125,9 +131,12 @@ struct NanMax {
   __device__ float operator()(float a, float b) const { return nan_max(a, b); }
 };
 
+// Slots of one set: C x VPT x warps groups at most (Geometry keeps to it).
+constexpr int kReduceSlots = kMaxCluster * kMaxWarps;
+
 template <typename R>
 struct ReduceSlots {
-  R v[2][kMaxCluster][kMaxWarps];
+  R v[2][kReduceSlots];
 };
 
 // A block may write into another block's shared memory only once that block
@@ -148,30 +157,36 @@ struct ClusterEntry {
   }
 };
 
-template <typename R, typename Op>
-__device__ __forceinline__ R cluster_reduce(R v, ReduceSlots<R>& slots, uint32_t& parity, int C,
-                                            Op op, ClusterEntry& entry) {
+template <int VPT, typename R, typename Op>
+__device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, uint32_t& parity,
+                                            int C, Op op, ClusterEntry& entry) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, per_block = VPT * warps;
   const uint32_t p = parity;
   parity ^= 1u;
-  auto& set = slots.v[p];
+  R* set = slots.v[p];
   if (C == 1) {
-    if ((threadIdx.x & 31) == 0) set[0][warp] = v;
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) set[i * warps + warp] = v[i];
     __syncthreads();
   } else {
     cg::cluster_group cluster = cg::this_cluster();
-    const unsigned me = cluster.block_rank();
+    const int me = int(cluster.block_rank());
     entry.enter();
     if ((threadIdx.x & 31) == 0)
-      for (int c = 0; c < C; ++c) cluster.map_shared_rank(&slots, unsigned(c))->v[p][me][warp] = v;
+      for (int c = 0; c < C; ++c) {
+        R* dst = cluster.map_shared_rank(set, unsigned(c)) + me * per_block;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) dst[i * warps + warp] = v[i];
+      }
     cluster.sync();
   }
-  R t = set[0][0];
-  for (int w = 1; w < warps; ++w) t = op(t, set[0][w]);
-  for (int c = 1; c < C; ++c)
-    for (int w = 0; w < warps; ++w) t = op(t, set[c][w]);
+  R t = set[0];
+  for (int j = 1; j < C * per_block; ++j) t = op(t, set[j]);
   return t;
 }
 

@@ -2,13 +2,17 @@
 // launch per GPU, one-shot or two-shot (common/config.h Algorithm).
 //
 // Shape. A row of H values is V-element 16-byte vectors; a cluster of C
-// blocks holds one row at a time, each thread one vector of it, from the
+// blocks holds one row at a time, each thread VPT vectors of it, from the
 // expert-row loads to the last quant store: its wire (this rank's partial)
 // stays in registers, the peers' wires come from the exchange, and the row's
-// sums are reduced over the cluster (tail.cuh). Clusters walk the rows
-// (m = cluster, cluster + G, ...). The grid is sized to the work, M rows, and
-// capped at the clusters that are co-resident on the SMs this rank may use, so
-// every block that waits runs beside the blocks it waits for.
+// sums are reduced over the cluster (tail.cuh). Few rows: a row spreads over
+// up to 8 SMs, one vector per thread (latency). Many rows: a row is one block,
+// several vectors per thread, no cluster barrier, and the blocks of an SM
+// work on independent rows (throughput: their loads overlap each other's
+// reductions). Clusters walk the rows (m = cluster, cluster + G, ...). The
+// grid is sized to the work, M rows, and capped at the clusters that are
+// co-resident on the SMs this rank may use, so every block that waits runs
+// beside the blocks it waits for.
 //
 // Exchange. The block that handles an element of a row has the same index on
 // every rank, so it meets the same block of its peers and their per-block
@@ -33,65 +37,116 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "tail.cuh"
 
 #ifndef MAR_KCHUNK
 #define MAR_KCHUNK 8
 #endif
-// Rows at which a call takes the variant compiled for 3 blocks of up to 256
-// threads per SM (80 registers, a few spilled) instead of the one with all
-// the registers it wants (~128): more rows in flight per SM pay off once each
-// cluster walks several rows. Measured on 1xH200, docs/perf.md v6: M <= 32
-// faster with the unbounded variant (5.5 vs 6.3 µs at M = 1), M >= 2048 with
-// the bounded one (178 vs 259 µs at M = 2048), M = 128 about even.
-constexpr int64_t kManyRows = 128;
+// Rows from which a call takes the many-rows geometry (a row per block, VPT
+// vectors per thread). Measured on 1xH200, docs/perf.md v7 (MAR_MANY_ROWS
+// moves it, for timing the two geometries side by side in the harness).
+#ifndef MAR_MANY_ROWS
+#define MAR_MANY_ROWS 128
+#endif
+constexpr int64_t kManyRows = MAR_MANY_ROWS;
+// The many-rows geometry: vectors per thread (a power of two, at most
+// kMaxVpt: more spill registers), about kManyRowsThreads threads per block and
+// at most twice that.
+constexpr int64_t kMaxVpt = 4, kManyRowsThreads = 256;
 
 namespace mar {
 namespace {
 
 using namespace dev;
 
-// Blocks per row (a cluster) and threads per block: about 128 vectors per
-// block, so a row spreads over up to kMaxCluster SMs. It depends on T and H
-// only, never on M or the algorithm: every call over the same row width sums
-// its squares in the same order. G, the rows in flight, is set at launch.
+// Blocks per row (a cluster), threads per block and vectors per thread.
+// Few rows: about 128 vectors per block, one per thread, so a row spreads over
+// up to kMaxCluster SMs. Many rows (kManyRows): the row in one block of up to
+// 2 * kManyRowsThreads threads with VPT vectors each, when it fits; wider
+// rows keep the cluster. Every geometry sums a row's squares in
+// the same order (device.cuh, cluster_reduce), so the choice never changes a
+// bit. G, the rows in flight, is set at launch.
 struct Geometry {
-  int32_t C;   // blocks per row
-  int32_t TR;  // threads per block = vectors of its slice
-  int32_t G;   // clusters in the grid
+  int32_t C;    // blocks per row
+  int32_t TR;   // threads per block
+  int32_t VPT;  // vectors per thread
+  int32_t G;    // clusters in the grid
 };
 
 template <typename T>
-Geometry geometry_of(int64_t H) {
+Geometry geometry_of(int64_t H, int64_t rows) {
   const int64_t HV = H / Pack<T>::V;
+  if (rows >= kManyRows && HV <= 2 * kMaxVpt * kManyRowsThreads) {
+    int64_t vpt = 1;
+    while (vpt * kManyRowsThreads < HV && vpt < kMaxVpt) vpt *= 2;
+    return {1, int32_t(round_up((HV + vpt - 1) / vpt, 32)), int32_t(vpt), 0};
+  }
   const int64_t C = std::min<int64_t>(kMaxCluster, std::max<int64_t>(1, (HV + 127) / 128));
   const int64_t TR = round_up((HV + C - 1) / C, 32);
-  return {int32_t(C), int32_t(TR), 0};
+  return {int32_t(C), int32_t(TR), 1, 0};
 }
 
 // ---- this rank's wire ---------------------------------------------------------------
-// Vector v of row m of this rank's partial, rounded to T: the finalize of SPEC
-// §3 (or the dense x itself). A value equal to the exchange's sentinel is sent
-// as another NaN.
-template <typename T>
-__device__ __forceinline__ uint4 wire_vector(const LayerArgs& a, uint32_t m, uint32_t v) {
+// This thread's vectors of row m of this rank's partial, rounded to T: the
+// finalize of SPEC §3 (or the dense x itself); inactive vectors are left
+// unread. The row's indices and weights are read once for all VPT vectors, and
+// the K slots go in chunks that keep 8 16-byte row loads in flight. A value
+// equal to the exchange's sentinel is sent as another NaN.
+template <typename T, int VPT>
+struct RowVectors {
+  uint4 u[VPT];
+};
+
+template <typename T, int VPT>
+__device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, const Vectors<VPT>& vs,
+                                             uint4 (&w)[VPT]) {
   using PK = Pack<T>;
+  using Raw = RowVectors<T, VPT>;
   constexpr int V = PK::V;
+  constexpr int kChunk = MAR_KCHUNK / VPT > 0 ? MAR_KCHUNK / VPT : 1;
   const uint32_t H = uint32_t(a.H), K = uint32_t(a.K);
-  if (a.cfg.has(kDense)) return avoid_sentinel<sizeof(T)>(ldg16(elem_ptr<T>(a.partial, m, H, v)));
-  float acc[V];
-  finalize_columns<V, MAR_KCHUNK>(
+  if (a.cfg.has(kDense)) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      w[i] = vs.active(i) ? avoid_sentinel<sizeof(T)>(ldg16(elem_ptr<T>(a.partial, m, H, vs.v(i))))
+                          : kSentinel4;
+    return;
+  }
+  float acc[VPT * V];
+  finalize_columns<VPT * V, kChunk>(
       acc, a.idx + m * K, int(K), int32_t(a.P),
-      [&](int k0, const bool (&ok)[MAR_KCHUNK], float (&w)[MAR_KCHUNK]) {
-        load_weights<MAR_KCHUNK>(a.scales, a.scales_dtype, m * K + uint32_t(k0), ok, w);
+      [&](int k0, const bool (&ok)[kChunk], float (&wt)[kChunk]) {
+        load_weights<kChunk>(a.scales, a.scales_dtype, m * K + uint32_t(k0), ok, wt);
       },
-      [&](int32_t p) { return ldg16(elem_ptr<T>(a.partial, uint32_t(p), H, v)); },
-      [](uint4 raw, float (&x)[V]) { PK::unpack(raw, x); });
-  float sh[V];
-  if (a.shared) PK::unpack(ldg16(elem_ptr<T>(a.shared, m, H, v)), sh);
-  finalize_scale_and_shared<V>(acc, a.cfg.routed_scaling_factor, a.shared ? sh : nullptr);
-  return avoid_sentinel<sizeof(T)>(PK::pack(acc));
+      [&](int32_t p) {
+        Raw raw;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i)
+          raw.u[i] = vs.active(i) ? ldg16(elem_ptr<T>(a.partial, uint32_t(p), H, vs.v(i)))
+                                  : make_uint4(0u, 0u, 0u, 0u);
+        return raw;
+      },
+      [](const Raw& raw, float (&x)[VPT * V]) {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          float f[V];
+          PK::unpack(raw.u[i], f);
+#pragma unroll
+          for (int j = 0; j < V; ++j) x[i * V + j] = f[j];
+        }
+      });
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    float y[V], sh[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] = acc[i * V + j];
+    const bool shared = a.shared != nullptr && vs.active(i);
+    if (shared) PK::unpack(ldg16(elem_ptr<T>(a.shared, m, H, vs.v(i))), sh);
+    finalize_scale_and_shared<V>(y, a.cfg.routed_scaling_factor, shared ? sh : nullptr);
+    w[i] = avoid_sentinel<sizeof(T)>(PK::pack(y));
+  }
 }
 
 // Byte offset of vector v of row m inside a slot.
@@ -152,23 +207,29 @@ __device__ __forceinline__ uint4 add_residual(const float (&y)[Pack<T>::V], uint
   return PK::pack(r);  // exact: the values are already T
 }
 
-// Where this thread stands: its cluster, its vector of every row.
+// Where this thread stands: its cluster, its vectors of every row.
+template <int VPT>
 struct Place {
-  uint32_t C, cluster, v, HV, M, G;
-  bool active;
+  uint32_t C, cluster, M, G;
+  Vectors<VPT> vs;
 };
 
-template <typename T>
-__device__ __forceinline__ Place place_of(const LayerArgs& a, const Geometry& g) {
-  Place p;
+template <typename T, int VPT>
+__device__ __forceinline__ Place<VPT> place_of(const LayerArgs& a, const Geometry& g) {
+  Place<VPT> p;
   p.C = uint32_t(g.C);
   p.cluster = blockIdx.x / p.C;
-  p.v = (blockIdx.x % p.C) * uint32_t(g.TR) + threadIdx.x;
-  p.HV = uint32_t(a.H) / Pack<T>::V;
   p.M = uint32_t(a.M);
   p.G = uint32_t(g.G);
-  p.active = p.v < p.HV;
+  p.vs.v0 = (blockIdx.x % p.C) * uint32_t(g.TR * VPT) + threadIdx.x;
+  p.vs.stride = uint32_t(g.TR);
+  p.vs.HV = uint32_t(a.H) / Pack<T>::V;
   return p;
+}
+
+// Elements of a block's part of a row (the staged quantizer's slice).
+__device__ __forceinline__ uint32_t slice_elems(const Geometry& g, int V) {
+  return uint32_t(g.TR) * uint32_t(g.VPT) * uint32_t(V);
 }
 
 template <typename T>
@@ -182,8 +243,36 @@ __device__ __forceinline__ TailState tail_state(const LayerArgs& a) {
   return ts;
 }
 
+// This thread's vectors of row `row` of the residual (rows < M). One vector
+// per thread (latency) loads it before the wire, so that its latency overlaps
+// the finalize's; several load it after, which saves the registers.
+template <typename T, int VPT>
+__device__ __forceinline__ void load_residual(const LayerArgs& a, uint32_t row, uint32_t M,
+                                              const Vectors<VPT>& vs, uint4 (&res)[VPT]) {
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    res[i] = row < M && vs.active(i) ? ldg16(elem_ptr<T>(a.residual, row, uint32_t(a.H), vs.v(i)))
+                                     : kSentinel4;
+}
+
+// residual_out of this thread's vectors of a row: the rank-ordered sum of the
+// wires (own from registers) plus the residual.
+template <typename T, int VPT>
+__device__ __forceinline__ void reduce_row(const ExchangeView& x, const CallState& st, uint32_t m,
+                                           const Vectors<VPT>& vs, const uint4 (&own)[VPT],
+                                           const uint4 (&res)[VPT], uint4 (&r)[VPT]) {
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    r[i] = kSentinel4;
+    if (!vs.active(i)) continue;
+    float y[Pack<T>::V];
+    rank_sum<T>(x, st, slot_offset(m, vs.HV, vs.v(i)), own[i], y);
+    r[i] = add_residual<T>(y, res[i]);
+  }
+}
+
 // ---- one-shot ---------------------------------------------------------------------------
-template <typename T, int kMaxTR, int kMinBlocks>
+template <typename T, int kMaxTR, int kMinBlocks, int VPT>
 __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     oneshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
@@ -192,46 +281,53 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   __shared__ uint64_t trace_words[8];
   T* stage = reinterpret_cast<T*>(stage_raw);
   const CallState st = begin_call(x);
-  const Place p = place_of<T>(a, g);
+  const Place<VPT> p = place_of<T, VPT>(a, g);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
   ts.entry.arrive(int(p.C));
   zero_swizzle_padding_rows(a, p.M);
-  uint32_t m = p.cluster;
-  auto produce = [&](uint32_t row) {  // this rank's wire of `row`, pushed to every peer
-    const uint4 w = wire_vector<T>(a, row, p.v);
-    if (!st.poisoned) {
-      const uint64_t off = slot_offset(row, p.HV, p.v);
+  // Loads row `row`'s residual and this rank's wire of it, which it pushes to
+  // every peer.
+  auto load_row = [&](uint32_t row, uint4 (&res)[VPT], uint4 (&own)[VPT]) {
+    if constexpr (VPT == 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
+    if (row >= p.M) return;
+    wire_vectors<T, VPT>(a, row, p.vs, own);
+    if constexpr (VPT > 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
+    if (st.poisoned) return;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if (!p.vs.active(i)) continue;
+      const uint64_t off = slot_offset(row, p.vs.HV, p.vs.v(i));
       for (int s = 0; s < x.nranks; ++s)
-        if (s != x.rank) push_to(x, st, s, off, w);
+        if (s != x.rank) push_to(x, st, s, off, own[i]);
     }
-    return w;
   };
-  // The residual of a row is loaded before its wire, so its latency overlaps the finalize's.
-  auto residual = [&](uint32_t row) {
-    return row < p.M && p.active ? ldg16(elem_ptr<T>(a.residual, row, uint32_t(a.H), p.v))
-                                 : kSentinel4;
-  };
-  uint4 res = residual(m);
-  uint4 own = m < p.M && p.active ? produce(m) : kSentinel4;
+  // One vector per thread: the next row is pushed before this one is waited
+  // for, so the pushes run ahead of the waits. Several: the blocks of an SM
+  // overlap each other's rows instead (and the registers are needed).
+  constexpr bool kLookahead = VPT == 1;
+  uint4 res[VPT], own[VPT];
+  uint32_t m = p.cluster;
+  if constexpr (kLookahead) load_row(m, res, own);
   for (; m < p.M; m += p.G) {
-    const uint32_t next = m + p.G;
-    const uint4 res_next = residual(next);
-    const uint4 own_next = next < p.M && p.active ? produce(next) : kSentinel4;
+    uint4 res_next[VPT], own_next[VPT];
+    if constexpr (kLookahead) load_row(m + p.G, res_next, own_next);
+    else load_row(m, res, own);
     tr.lap(kTracePush);
-    uint4 r = kSentinel4;
-    if (p.active) {
-      float y[Pack<T>::V];
-      rank_sum<T>(x, st, slot_offset(m, p.HV, p.v), own, y);
-      r = add_residual<T>(y, res);
-    }
+    uint4 r[VPT];
+    reduce_row<T, VPT>(x, st, m, p.vs, own, res, r);
     tr.lap(kTraceStage);
-    row_tail<T>(a, TailPlace{m, p.M}, p.v, p.active, r, uint32_t(g.TR) * Pack<T>::V, int(p.C),
-                sh, ts, stage);
+    row_tail<T, VPT>(a, TailPlace{m, p.M}, p.vs, r, slice_elems(g, Pack<T>::V), int(p.C), sh, ts,
+                     stage);
     tr.lap(kTraceFinish);
     tr.row();
-    own = own_next;
-    res = res_next;
+    if constexpr (kLookahead) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        own[i] = own_next[i];
+        res[i] = res_next[i];
+      }
+    }
   }
   ts.entry.enter();  // a block without rows still completes the entry barrier
   finish_call(x, st.epoch);
@@ -246,7 +342,7 @@ __host__ __device__ inline uint64_t flags_bytes(int64_t M, int C) {
   return (uint64_t(M) * uint64_t(C) * 4 + 255) / 256 * 256;
 }
 
-template <typename T, int kMaxTR, int kMinBlocks>
+template <typename T, int kMaxTR, int kMinBlocks, int VPT>
 __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     twoshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
@@ -256,7 +352,8 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   __shared__ uint64_t trace_words[8];
   T* stage = reinterpret_cast<T*>(stage_raw);
   const CallState st = begin_call(x);
-  const Place p = place_of<T>(a, g);
+  const Place<VPT> p = place_of<T, VPT>(a, g);
+  const Vectors<VPT>& vs = p.vs;
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
   ts.entry.arrive(int(p.C));
@@ -270,33 +367,40 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   zero_swizzle_padding_rows(a, rows_out);
   const uint64_t fbytes = flags_bytes(p.M, int(p.C));
   const uint32_t slice_id = blockIdx.x % p.C;
+  const uint32_t slice = slice_elems(g, Pack<T>::V);
   auto flag_at = [&](int r, uint32_t m) {
     return reinterpret_cast<uint32_t*>(x.gathers[r]) + (uint64_t(m) * p.C + slice_id);
   };
-  auto packet_at = [&](int r, uint32_t m) {
-    return x.gathers[r] + fbytes + slot_offset(m, p.HV, p.v);
+  auto packet_at = [&](int r, uint32_t m, int i) {
+    return x.gathers[r] + fbytes + slot_offset(m, vs.HV, vs.v(i));
   };
   // Phase 1: every row owned elsewhere, to its owner. Never waits.
   for (uint32_t m = p.cluster; m < p.M; m += p.G) {
     const int o = owner(m);
-    if (o == x.rank || !p.active) continue;
-    const uint4 w = wire_vector<T>(a, m, p.v);
-    if (!st.poisoned) push_to(x, st, o, slot_offset(m, p.HV, p.v), w);
+    if (o == x.rank) continue;
+    uint4 w[VPT];
+    wire_vectors<T, VPT>(a, m, vs, w);
+    if (st.poisoned) continue;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if (vs.active(i)) push_to(x, st, o, slot_offset(m, vs.HV, vs.v(i)), w[i]);
   }
   tr.lap(kTracePush);
   // Phase 2: the owned rows: reduce, send residual_out to every peer, tail.
   for (uint32_t m = p.cluster; m < p.M; m += p.G) {
     if (owner(m) != x.rank) continue;
     const uint32_t out = m - first_out;
-    uint4 r = kSentinel4;
-    if (p.active) {
-      const uint4 res = ldg16(elem_ptr<T>(a.residual, out, uint32_t(a.H), p.v));
-      float y[Pack<T>::V];
-      rank_sum<T>(x, st, slot_offset(m, p.HV, p.v), wire_vector<T>(a, m, p.v), y);
-      r = add_residual<T>(y, res);
-      if (!st.poisoned && !scatter)
-        for (int s = 0; s < x.nranks; ++s)
-          if (s != x.rank) *reinterpret_cast<uint4*>(packet_at(s, m)) = r;
+    uint4 res[VPT], own[VPT], r[VPT];
+    if constexpr (VPT == 1) load_residual<T, VPT>(a, out, rows_out, vs, res);
+    wire_vectors<T, VPT>(a, m, vs, own);
+    if constexpr (VPT > 1) load_residual<T, VPT>(a, out, rows_out, vs, res);
+    reduce_row<T, VPT>(x, st, m, vs, own, res, r);
+    if (!st.poisoned && !scatter) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if (vs.active(i))
+          for (int s = 0; s < x.nranks; ++s)
+            if (s != x.rank) *reinterpret_cast<uint4*>(packet_at(s, m, i)) = r[i];
     }
     if (!scatter) {
       // Every thread's packet stores happen before the flags: the barrier orders
@@ -306,8 +410,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
         st_release_sys(flag_at(int(threadIdx.x), m), st.epoch + 1u);
     }
     tr.lap(kTraceStage);
-    row_tail<T>(a, TailPlace{out, rows_out}, p.v, p.active, r, uint32_t(g.TR) * Pack<T>::V,
-                int(p.C), sh, ts, stage);
+    row_tail<T, VPT>(a, TailPlace{out, rows_out}, vs, r, slice, int(p.C), sh, ts, stage);
     tr.lap(kTraceFinish);
     tr.row();
   }
@@ -322,12 +425,12 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     }
     __syncthreads();
     const bool ok = ok_flag != 0;
-    uint4 r = kSentinel4;
-    if (p.active && ok) r = ld_relaxed_sys(packet_at(x.rank, m));
+    uint4 r[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) r[i] = vs.active(i) && ok ? ld_relaxed_sys(packet_at(x.rank, m, i)) : kSentinel4;
     __syncthreads();  // ok_flag is rewritten for the next row
     tr.lap(kTraceStage);
-    row_tail<T>(a, TailPlace{m, p.M}, p.v, p.active, r, uint32_t(g.TR) * Pack<T>::V, int(p.C),
-                sh, ts, stage);
+    row_tail<T, VPT>(a, TailPlace{m, p.M}, vs, r, slice, int(p.C), sh, ts, stage);
     tr.lap(kTraceFinish);
     tr.row();
   }
@@ -341,19 +444,41 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
 template <typename T>
 using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 
-// Blocks of up to 256 threads (rows up to 2048 vectors: H <= 16384 in bf16)
-// get the registers of a small block, or (many rows) three such blocks per SM;
-// wider rows a block of up to kMaxThreads.
-template <typename T, int kMaxTR, int kMinBlocks>
+// One-vector geometries: blocks of up to 256 threads (rows up to 2048
+// vectors: H <= 16384 in bf16) with the registers of a small block, wider rows
+// a block of up to kMaxThreads.
+template <typename T, int kMaxTR, int kMinBlocks, int VPT>
 Kernel<T> kernel_of(Algorithm algorithm) {
-  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks>
-                                          : oneshot_kernel<T, kMaxTR, kMinBlocks>;
+  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks, VPT>
+                                          : oneshot_kernel<T, kMaxTR, kMinBlocks, VPT>;
+}
+
+// Many rows: blocks of up to 2 * kManyRowsThreads threads, 128 registers each.
+template <typename T, int VPT>
+Kernel<T> many_rows_kernel(Algorithm algorithm) {
+  return kernel_of<T, 2 * kManyRowsThreads, 1, VPT>(algorithm);
 }
 
 template <typename T>
-Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g, int64_t rows) {
-  if (g.TR > 256) return kernel_of<T, kMaxThreads, 1>(algorithm);
-  return rows >= kManyRows ? kernel_of<T, 256, 3>(algorithm) : kernel_of<T, 256, 1>(algorithm);
+Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g) {
+  switch (g.VPT) {
+    case 2: return many_rows_kernel<T, 2>(algorithm);
+    case 4: return many_rows_kernel<T, 4>(algorithm);
+    default: break;
+  }
+  if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm);
+  return kernel_of<T, 256, 1, 1>(algorithm);
+}
+
+// Every kernel kernel_for can return.
+template <typename T>
+std::vector<Kernel<T>> all_kernels() {
+  std::vector<Kernel<T>> out;
+  for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot})
+    for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo), kernel_of<T, kMaxThreads, 1, 1>(algo),
+                        many_rows_kernel<T, 2>(algo), many_rows_kernel<T, 4>(algo)})
+      out.push_back(k);
+  return out;
 }
 
 // Dynamic shared memory: one slice of T, for the staged quantizers only.
@@ -361,7 +486,7 @@ template <typename T>
 size_t stage_bytes(const LayerArgs& a, const Geometry& g) {
   const bool staged = a.cfg.quantizes() && a.cfg.quant == QuantKind::kFp8PerGroup &&
                       quantize_lanes<T>(a.cfg) == 0;
-  return staged ? size_t(g.TR) * 16 : 0;
+  return staged ? size_t(g.TR) * size_t(g.VPT) * 16 : 0;
 }
 
 cudaLaunchAttribute cluster_attribute(int C) {
@@ -421,10 +546,10 @@ struct Launch {
 
 template <typename T>
 cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm algo, Launch<T>* l) {
-  l->g = geometry_of<T>(a.H);
+  l->g = geometry_of<T>(a.H, a.M);
   l->smem = stage_bytes<T>(a, l->g);
   // A reduce-scatter is two-shot's first half whatever the algorithm asked.
-  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g, a.M);
+  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g);
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
@@ -457,13 +582,10 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
 
 template <typename T>
 cudaError_t load_kernels() {
-  for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot}) {
-    for (Kernel<T> k : {kernel_of<T, 256, 1>(algo), kernel_of<T, 256, 3>(algo),
-                        kernel_of<T, kMaxThreads, 1>(algo)}) {
-      cudaFuncAttributes attr;
-      const cudaError_t e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(k));
-      if (e != cudaSuccess) return e;
-    }
+  for (Kernel<T> k : all_kernels<T>()) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(k));
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
@@ -492,7 +614,7 @@ const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeVi
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
   if (algorithm == Algorithm::kTwoShot && !a.cfg.has(kScatter)) {
-    const int C = with_float_type(t, [&](auto tag) { return geometry_of<decltype(tag)>(a.H).C; });
+    const int C = with_float_type(t, [&](auto tag) { return geometry_of<decltype(tag)>(a.H, a.M).C; });
     if (flags_bytes(a.M, C) + uint64_t(a.M) * row_bytes > x.gather_bytes)
       return "the call's rows exceed the workspace's gather area";
   }

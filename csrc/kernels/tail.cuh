@@ -1,12 +1,13 @@
 // The tail of one token row — residual_out, RMSNorm and the quantizers — in
-// registers. A row is spread over the C blocks of a cluster; each thread holds
-// one 16-byte vector of it (vector v, `active` when v < H/V). The row's sums
+// registers. A row is spread over the C blocks of a cluster (or one block,
+// C = 1); each thread holds VPT 16-byte vectors of it (Vectors). The row's sums
 // (sum of squares, per-token amax) are reduced over the cluster in a fixed
-// order, and every rank that produces a row runs this code with the same
-// geometry, so norm_out and the quant outputs come out bit-identical on every
-// rank. Scale groups that fall on 1..32 adjacent lanes are quantized with lane
-// shuffles; other group sizes from the normed row staged in shared memory
-// (read across the cluster).
+// order that depends on the row width only (device.cuh, cluster_reduce), and
+// every rank that produces a row runs this code, so norm_out and the quant
+// outputs come out bit-identical on every rank and in every geometry. Scale
+// groups that fall on 1..32 adjacent lanes are quantized with lane shuffles;
+// other group sizes from the normed row staged in shared memory (read across
+// the cluster).
 #pragma once
 
 #include "../common/layer_math.h"
@@ -15,6 +16,15 @@
 
 namespace mar {
 namespace dev {
+
+// The vectors of a row one thread holds: v(i) = v0 + i * stride for i < VPT,
+// `active` when inside the row (v < H/V).
+template <int VPT>
+struct Vectors {
+  uint32_t v0, stride, HV;
+  __device__ __forceinline__ uint32_t v(int i) const { return v0 + uint32_t(i) * stride; }
+  __device__ __forceinline__ bool active(int i) const { return v(i) < HV; }
+};
 
 // Where a row's tail writes, and what the whole call shares.
 struct TailPlace {
@@ -132,93 +142,134 @@ __device__ void quantize_staged(const LayerArgs& a, TailPlace at, const T* stage
   if (C > 1) cluster.sync(); else __syncthreads();
 }
 
-// The row tail of one thread's vector v (r = packed residual_out, valid when
-// active). Every thread of every block of the cluster calls it (the
-// reductions need them all). `stage` (one slice of T, only for the staged
-// quantizers) and `sh` are this block's shared memory.
-template <typename T>
-__device__ void row_tail(const LayerArgs& a, TailPlace at, uint32_t v, bool active, uint4 r,
-                         uint32_t slice, int C, TailShared& sh, TailState& ts, T* stage) {
+// The row tail of one thread's vectors (r[i] = packed residual_out of vector
+// i, valid when active). Every thread of every block of the cluster calls it
+// (the reductions need them all). `slice` is the elements of a block's part
+// of the row; `stage` (one slice of T, only for the staged quantizers) and
+// `sh` are this block's shared memory. Only r and one vector's values are
+// held at a time: each vector is normed and quantized on its own, except for
+// the per-token scale, which needs the whole row's amax first (its vectors are
+// normed twice; the arithmetic is the same both times).
+template <typename T, int VPT>
+__device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& vs,
+                         const uint4 (&r)[VPT], uint32_t slice, int C, TailShared& sh,
+                         TailState& ts, T* stage) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
+  // One vector per thread (few rows, latency): gamma is loaded before the
+  // reduction so that its latency hides behind the barrier. Several: loaded
+  // where used (it stays in L1 from row to row), which saves the registers.
+  constexpr bool kGammaEarly = VPT == 1;
   const OpConfig& c = a.cfg;
   const uint32_t H = uint32_t(a.H);
-  float f[V], g[V];
-  double sum_sq = 0.0;
-  if (active) {
-    if (a.residual_out) *reinterpret_cast<uint4*>(elem_ptr<T>(a.residual_out, at.m, H, v)) = r;
-    load_gamma<T>(a, v, g);  // in flight during the reduction
-    PK::unpack(r, f);
+  float g_early[kGammaEarly ? V : 1];
+  double sum_sq[VPT];
 #pragma unroll
-    for (int j = 0; j < V; ++j) sum_sq = add_square(sum_sq, f[j]);
+  for (int i = 0; i < VPT; ++i) {
+    sum_sq[i] = 0.0;
+    if (!vs.active(i)) continue;
+    if (a.residual_out) *reinterpret_cast<uint4*>(elem_ptr<T>(a.residual_out, at.m, H, vs.v(i))) = r[i];
+    if constexpr (kGammaEarly) load_gamma<T>(a, vs.v(i), g_early);
+    float f[V];
+    PK::unpack(r[i], f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) sum_sq[i] = add_square(sum_sq[i], f[j]);
   }
-  const double total = cluster_reduce(sum_sq, sh.sum, ts.parity_d, C, Sum{}, ts.entry);
+  const double total = cluster_reduce<VPT>(sum_sq, sh.sum, ts.parity_d, C, Sum{}, ts.entry);
   const float inv = rms_inv(total, H, c.eps);
-  float q[V] = {};  // f32(norm_out)
-  float amax = 0.0f;
-  if (active) {
+  // q = f32(norm_out) of vector i (an active one); returns its amax.
+  auto normed = [&](int i, float (&q)[V]) {
+    float f[V], g[V];
+    PK::unpack(r[i], f);
+    if constexpr (kGammaEarly) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) g[j] = g_early[j];
+    } else {
+      load_gamma<T>(a, vs.v(i), g);
+    }
+    float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       q[j] = to_f32(norm_value<T>(f[j], inv, c.norm_weight_offset, g[j]));
       amax = nan_max(amax, abs_f32(q[j]));
     }
-    if (a.norm_out) *reinterpret_cast<uint4*>(elem_ptr<T>(a.norm_out, at.m, H, v)) = PK::pack(q);
-  }
-  if (!c.quantizes()) return;
-
+    return amax;
+  };
   uint8_t* codes = a.quant_out;
-  switch (c.quant) {
-    case QuantKind::kFp8Static:
-      if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, ts.static_inv);
-      break;
-    case QuantKind::kFp8PerToken: {
-      const float s = fp8_scale(cluster_reduce(amax, sh.max, ts.parity_f, C, NanMax{}, ts.entry));
-      if (threadIdx.x == 0 && (C == 1 || cg::this_cluster().block_rank() == 0))
-        static_cast<float*>(a.scale_out)[at.m] = s;
-      if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, div_rn(1.0f, s));
-      break;
-    }
-    case QuantKind::kFp8PerGroup: {
-      if (ts.lanes == 0) {
-        if (active) *reinterpret_cast<uint4*>(stage + (threadIdx.x * V)) = PK::pack(q);
-        quantize_staged<T>(a, at, stage, slice, C, ts.entry);
+  const bool per_token = c.quantizes() && c.quant == QuantKind::kFp8PerToken;
+  float row_amax[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    row_amax[i] = 0.0f;
+    float q[V] = {};
+    const bool active = vs.active(i);
+    const uint32_t v = vs.v(i);
+    const float amax = active ? normed(i, q) : 0.0f;
+    if (active && a.norm_out) *reinterpret_cast<uint4*>(elem_ptr<T>(a.norm_out, at.m, H, v)) = PK::pack(q);
+    if (!c.quantizes()) continue;
+    switch (c.quant) {
+      case QuantKind::kFp8Static:
+        if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, ts.static_inv);
         break;
-      }
-      float s = fp8_scale(lanes_nan_max(amax, ts.lanes));
-      if (c.has(kUe8m0)) s = ue8m0_round(s);
-      if (active) {
+      case QuantKind::kFp8PerToken:
+        row_amax[i] = amax;  // the codes wait for the row's scale, below
+        break;
+      case QuantKind::kFp8PerGroup: {
+        if (ts.lanes == 0) {
+          // Element order: vector i of thread t sits at (i * stride + t) * V of the slice.
+          if (active) *reinterpret_cast<uint4*>(stage + (i * vs.stride + threadIdx.x) * V) = PK::pack(q);
+          break;
+        }
+        float s = fp8_scale(lanes_nan_max(amax, ts.lanes));
+        if (c.has(kUe8m0)) s = ue8m0_round(s);
+        if (!active) break;
         if ((v & uint32_t(ts.lanes - 1)) == 0)
           static_cast<float*>(a.scale_out)[scale_index(c, H, at, v / uint32_t(ts.lanes))] = s;
         store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, div_rn(1.0f, s));
+        break;
       }
-      break;
-    }
-    case QuantKind::kNvFp4: {
-      const float gsc = a.quant_scale[0];
-      const uint8_t sf = nvfp4_scale_code(lanes_nan_max(amax, ts.lanes), gsc);
-      if (!active) break;
-      const float os = nvfp4_out_scale(sf, gsc);
-      uint32_t w = 0;
+      case QuantKind::kNvFp4: {
+        const float gsc = a.quant_scale[0];
+        const uint8_t sf = nvfp4_scale_code(lanes_nan_max(amax, ts.lanes), gsc);
+        if (!active) break;
+        const float os = nvfp4_out_scale(sf, gsc);
+        uint32_t w = 0;
 #pragma unroll
-      for (int j = 0; j < V; j += 2)
-        w |= (nvfp4_code(q[j], os) | (nvfp4_code(q[j + 1], os) << 4)) << (4 * j);
-      uint8_t* out = codes + uint64_t(at.m) * (H / 2) + v * (V / 2);
-      if constexpr (V == 8) *reinterpret_cast<uint32_t*>(out) = w;
-      else *reinterpret_cast<uint16_t*>(out) = uint16_t(w);
-      uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
-      const uint32_t b = v * V / kFp4Block;  // this vector's 16-element block
-      if ((v & uint32_t(ts.lanes - 1)) == 0) sf_out[scale_index(c, H, at, b)] = sf;
-      // The swizzled layout pads each row to a multiple of 4 blocks with zeros:
-      // the thread of the row's last block writes them.
-      if (c.has(kFp4Swizzled) && (v + 1) * V == H) {
-        for (uint32_t p = b + 1; p < uint32_t(round_up(H / kFp4Block, 4)); ++p)
-          sf_out[swizzled_128x4_offset(at.m, p, H)] = 0;
+        for (int j = 0; j < V; j += 2)
+          w |= (nvfp4_code(q[j], os) | (nvfp4_code(q[j + 1], os) << 4)) << (4 * j);
+        uint8_t* out = codes + uint64_t(at.m) * (H / 2) + v * (V / 2);
+        if constexpr (V == 8) *reinterpret_cast<uint32_t*>(out) = w;
+        else *reinterpret_cast<uint16_t*>(out) = uint16_t(w);
+        uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
+        const uint32_t b = v * V / kFp4Block;  // this vector's 16-element block
+        if ((v & uint32_t(ts.lanes - 1)) == 0) sf_out[scale_index(c, H, at, b)] = sf;
+        // The swizzled layout pads each row to a multiple of 4 blocks with zeros:
+        // the thread of the row's last block writes them.
+        if (c.has(kFp4Swizzled) && (v + 1) * V == H) {
+          for (uint32_t p = b + 1; p < uint32_t(round_up(H / kFp4Block, 4)); ++p)
+            sf_out[swizzled_128x4_offset(at.m, p, H)] = 0;
+        }
+        break;
       }
-      break;
+      default:
+        break;
     }
-    default:
-      break;
   }
+  if (per_token) {
+    const float s = fp8_scale(cluster_reduce<VPT>(row_amax, sh.max, ts.parity_f, C, NanMax{}, ts.entry));
+    if (threadIdx.x == 0 && (C == 1 || cg::this_cluster().block_rank() == 0))
+      static_cast<float*>(a.scale_out)[at.m] = s;
+    const float inv_s = div_rn(1.0f, s);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if (!vs.active(i)) continue;
+      float q[V];
+      normed(i, q);
+      store_fp8_codes<V>(codes + uint64_t(at.m) * H + vs.v(i) * V, q, inv_s);
+    }
+  }
+  if (c.quantizes() && c.quant == QuantKind::kFp8PerGroup && ts.lanes == 0)
+    quantize_staged<T>(a, at, stage, slice, C, ts.entry);
 }
 
 // Zero the swizzled NVFP4 scale rows [M, roundup(M, 128)), spread over the

@@ -286,7 +286,9 @@ int main(int argc, char** argv) {
     for (size_t r = 0; r < rk.devs.size(); ++r) {
       rk.set(r);
       in_vecs.push_back((min_input_bytes(o, ins[r]) + 15) / 16);
-      out_vecs.push_back((output_bytes(o).total() + 15) / 16);
+      Options rows_out = o;  // a reduce-scatter writes M/N rows per rank
+      if (o.scatter) rows_out.M = o.M / o.ranks;
+      out_vecs.push_back((output_bytes(rows_out).total() + 15) / 16);
       in_buf.push_back(zeros(in_vecs[r] * 16));
       out_buf.push_back(zeros(out_vecs[r] * 16));
     }

@@ -182,12 +182,13 @@ inline std::vector<uint8_t> outputs_of(const mar::LayerArgs& a, const Options& o
   return out;
 }
 
-// HBM bytes a rank's call must move at least: every input read once (the
-// expert rows its indices select, idx, scales, shared, residual, gamma), every
-// output written once.
+// HBM bytes a rank's call must read at least: every input once (the expert
+// rows its indices select, idx, scales, shared, residual, gamma). A
+// reduce-scatter reads only its M/N rows of the residual.
 inline size_t min_input_bytes(const Options& o, const RankInputs& in) {
   const size_t M = size_t(o.M), H = size_t(o.H), K = size_t(o.K);
-  return in.valid_rows * H * 2 + M * K * 8 + 2 * M * H * 2 + H * 2;
+  const size_t residual_rows = o.scatter ? M / size_t(o.ranks) : M;
+  return in.valid_rows * H * 2 + M * K * 8 + (M + residual_rows) * H * 2 + H * 2;
 }
 
 }  // namespace harness
