@@ -54,7 +54,15 @@ constexpr int64_t kManyRows = MAR_MANY_ROWS;
 // The many-rows geometry: vectors per thread (a power of two, at most
 // kMaxVpt: more spill registers), about kManyRowsThreads threads per block and
 // at most twice that.
-constexpr int64_t kMaxVpt = 4, kManyRowsThreads = 256;
+#ifndef MAR_MAX_VPT
+#define MAR_MAX_VPT 4
+#endif
+// Launch bound of the many-rows kernels: the most threads a block of them
+// has, and with it the registers a thread may use (65536 / bound).
+#ifndef MAR_MANY_ROWS_BOUND
+#define MAR_MANY_ROWS_BOUND 512
+#endif
+constexpr int64_t kMaxVpt = MAR_MAX_VPT, kManyRowsThreads = 256;
 
 namespace mar {
 namespace {
@@ -92,20 +100,20 @@ Geometry geometry_of(int64_t H, int64_t rows) {
 // This thread's vectors of row m of this rank's partial, rounded to T: the
 // finalize of SPEC §3 (or the dense x itself); inactive vectors are left
 // unread. The row's indices and weights are read once for all VPT vectors, and
-// the K slots go in chunks that keep 8 16-byte row loads in flight. A value
-// equal to the exchange's sentinel is sent as another NaN.
+// the K slots go in chunks that keep kLoads 16-byte row loads in flight. A
+// value equal to the exchange's sentinel is sent as another NaN.
 template <typename T, int VPT>
 struct RowVectors {
   uint4 u[VPT];
 };
 
-template <typename T, int VPT>
+template <typename T, int VPT, int kLoads = MAR_KCHUNK>
 __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, const Vectors<VPT>& vs,
                                              uint4 (&w)[VPT]) {
   using PK = Pack<T>;
   using Raw = RowVectors<T, VPT>;
   constexpr int V = PK::V;
-  constexpr int kChunk = MAR_KCHUNK / VPT > 0 ? MAR_KCHUNK / VPT : 1;
+  constexpr int kChunk = kLoads / VPT > 0 ? kLoads / VPT : 1;
   const uint32_t H = uint32_t(a.H), K = uint32_t(a.K);
   if (a.cfg.has(kDense)) {
 #pragma unroll
@@ -287,11 +295,14 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   ts.entry.arrive(int(p.C));
   zero_swizzle_padding_rows(a, p.M);
   // Loads row `row`'s residual and this rank's wire of it, which it pushes to
-  // every peer.
+  // every peer. With several vectors per thread, 16 row loads in flight (8 in
+  // two-shot, whose kernel has no registers to spare for them): measured
+  // 125 vs 130 µs at M = 2048 on 1xH200 (docs/perf.md v7).
+  constexpr int kOneShotLoads = VPT > 1 ? 2 * MAR_KCHUNK : MAR_KCHUNK;
   auto load_row = [&](uint32_t row, uint4 (&res)[VPT], uint4 (&own)[VPT]) {
     if constexpr (VPT == 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
     if (row >= p.M) return;
-    wire_vectors<T, VPT>(a, row, p.vs, own);
+    wire_vectors<T, VPT, kOneShotLoads>(a, row, p.vs, own);
     if constexpr (VPT > 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
     if (st.poisoned) return;
 #pragma unroll
@@ -456,7 +467,8 @@ Kernel<T> kernel_of(Algorithm algorithm) {
 // Many rows: blocks of up to 2 * kManyRowsThreads threads, 128 registers each.
 template <typename T, int VPT>
 Kernel<T> many_rows_kernel(Algorithm algorithm) {
-  return kernel_of<T, 2 * kManyRowsThreads, 1, VPT>(algorithm);
+  static_assert(MAR_MANY_ROWS_BOUND >= 2 * kManyRowsThreads, "a many-rows block must fit");
+  return kernel_of<T, MAR_MANY_ROWS_BOUND, 1, VPT>(algorithm);
 }
 
 template <typename T>
