@@ -82,3 +82,25 @@ def test_reduce_scatter_rows_equal_allreduce(harness, ranks, quant, M):
     H = 2048 if M > 1000 else 7168
     out = _run(harness, "--ranks", ranks, "--scatter", 1, "--M", M, "--H", H, "--quant", quant)
     assert f"SCATTER OK: {ranks} ranks" in out, out[-4000:]
+
+
+# (ranks, quant, H, M): the many-rows geometry with 4 vectors per thread (H = 7168), 2
+# (H = 4096), 448-thread blocks (H = 14336), the staged group quantizer (H = 3072, groups of
+# 48) and a row of one vector per thread either way (H = 2048).
+GEOMETRY_CASES = ([(1, q, 7168, 300) for q in QUANTS]
+                  + [(2, "none", 4096, 257), (2, "nvfp4", 14336, 200), (1, "fp8_per_token", 2048, 400)])
+
+
+@pytest.mark.parametrize("ranks,quant,H,M", GEOMETRY_CASES, ids=lambda v: str(v))
+def test_rows_equal_in_every_geometry(harness, ranks, quant, H, M):
+    """A row's outputs do not depend on how many rows the call has: the first 100 rows of an
+    M-row call (a row per block, several vectors per thread) equal, byte for byte, a call of
+    those 100 rows alone (a row per cluster, one vector per thread)."""
+    out = _run(harness, "--ranks", ranks, "--M", M, "--H", H, "--quant", quant, "--prefix", 100)
+    assert "PREFIX OK: 100 rows" in out, out[-4000:]
+
+
+def test_rows_equal_in_every_geometry_staged_groups(harness):
+    out = _run(harness, "--ranks", 2, "--M", 300, "--H", 3072, "--quant", "fp8_per_group",
+               "--group-size", 48, "--prefix", 100)
+    assert "PREFIX OK: 100 rows" in out, out[-4000:]

@@ -122,6 +122,15 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
                           : kSentinel4;
     return;
   }
+  // The shared expert's vectors: one vector per thread (latency) loads them
+  // before the expert rows, so that their latency is not added to the chain;
+  // several load them after, which saves the registers.
+  constexpr bool kSharedEarly = VPT == 1;
+  auto load_shared = [&](int i) {
+    return a.shared != nullptr && vs.active(i) ? ldg16(elem_ptr<T>(a.shared, m, H, vs.v(i)))
+                                               : make_uint4(0u, 0u, 0u, 0u);
+  };
+  uint4 shared_early = kSharedEarly ? load_shared(0) : make_uint4(0u, 0u, 0u, 0u);
   float acc[VPT * V];
   finalize_columns<VPT * V, kChunk>(
       acc, a.idx + m * K, int(K), int32_t(a.P),
@@ -151,7 +160,7 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] = acc[i * V + j];
     const bool shared = a.shared != nullptr && vs.active(i);
-    if (shared) PK::unpack(ldg16(elem_ptr<T>(a.shared, m, H, vs.v(i))), sh);
+    if (shared) PK::unpack(kSharedEarly ? shared_early : load_shared(i), sh);
     finalize_scale_and_shared<V>(y, a.cfg.routed_scaling_factor, shared ? sh : nullptr);
     w[i] = avoid_sentinel<sizeof(T)>(PK::pack(y));
   }

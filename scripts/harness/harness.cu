@@ -20,6 +20,10 @@
 //                the host from the same inputs (verify.h).
 //   --scatter 1  times the reduce-scatter variant instead, then requires each
 //                rank's M/N rows to equal the all-reduce's rows (scatter.h).
+//   --prefix P   then runs a call of only the first P rows (on every rank) and
+//                requires its outputs to equal those rows of the M-row call,
+//                byte for byte: with P below the many-rows switch and M above
+//                it, the two geometries of fused.cu must agree.
 // Exit status 1 when a check fails or a kernel reports a failure.
 //
 // Build: scripts/harness/build.sh (the CMake target `harness`). Examples:
@@ -52,7 +56,8 @@ void usage() {
                "        [--algo oneshot|twoshot] [--quant none|fp8_static|fp8_per_token|"
                "fp8_per_group|nvfp4] [--group-size g]\n"
                "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n"
-               "        [--timeout seconds (bound of every wait, default 10)] [--scatter 0|1]\n");
+               "        [--timeout seconds (bound of every wait, default 10)] [--scatter 0|1]\n"
+               "        [--prefix rows]\n");
   std::exit(2);
 }
 
@@ -78,11 +83,13 @@ Options parse(int argc, char** argv) {
     else if (k == "--graph") o.graph = std::atoi(v) != 0;
     else if (k == "--timeout") o.timeout_s = std::atof(v);
     else if (k == "--scatter") o.scatter = std::atoi(v) != 0;
+    else if (k == "--prefix") o.prefix = std::atoi(v);
     else usage();
   }
   if (o.ranks < 1 || o.ranks > int(mar::kMaxRanks) || o.M < 1 || o.H % 16 != 0 || o.K < 1 ||
       o.iters < 1 || o.group_size < 1 || o.H % o.group_size != 0 ||
-      (o.scatter && (o.M % o.ranks != 0 || o.check)))
+      (o.scatter && (o.M % o.ranks != 0 || o.check)) || o.prefix < 0 || o.prefix > o.M ||
+      (o.prefix && o.scatter))
     usage();
   output_bytes(o);  // refuses an unknown --quant
   return o;
@@ -349,6 +356,38 @@ int main(int argc, char** argv) {
       same = same && diff == 0;
     }
     if (same) std::printf("SCATTER OK: %d ranks' rows equal the all-reduce's, byte for byte\n", o.ranks);
+    if (!same) {
+      mar::runtime::destroy_all();
+      return 1;
+    }
+  }
+  if (o.prefix > 0) {
+    // The same inputs' first P rows (row-major: every per-row input's prefix).
+    std::vector<mar::LayerArgs> fewer;
+    Options local = o;
+    local.M = o.prefix;
+    for (size_t r = 0; r < rk.devs.size(); ++r) {
+      rk.set(r);
+      mar::LayerArgs a = ins[r].args;
+      a.M = o.prefix;
+      fewer.push_back(with_outputs(a, local));
+      check(mar::launch_fused(mar::DType::kBF16, fewer[r], *views[r], algos[0], rk.streams[r]),
+            "launch");
+    }
+    bool same = true;
+    for (size_t r = 0; r < rk.devs.size(); ++r) {
+      rk.set(r);
+      check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+      const mar::LaunchShape s = mar::fused_launch_shape(mar::DType::kBF16, fewer[r], *views[r], algos[0]);
+      const size_t diff = row_differences(outputs_of(fewer[r], local), outputs_of(args[0][r], o), o,
+                                          o.prefix, 0);
+      if (diff)
+        std::printf("PREFIX FAIL: rank %zu: %zu bytes of the %d-row call (grid %d x %d, cluster %d) "
+                    "differ from the %d-row call's rows\n", r, diff, o.prefix, s.grid, s.block,
+                    s.cluster, o.M);
+      same = same && diff == 0;
+    }
+    if (same) std::printf("PREFIX OK: %d rows equal in a call of %d rows, byte for byte\n", o.prefix, o.M);
     if (!same) {
       mar::runtime::destroy_all();
       return 1;

@@ -42,18 +42,18 @@ inline int64_t scales_per_row(const Options& o) {
   return 0;
 }
 
-// Counts the bytes of rank r's reduce-scatter outputs (`got`, M/N rows) that
-// differ from the all-reduce's rows (`all`, M rows); both in outputs_of order.
-inline size_t scatter_differences(const std::vector<uint8_t>& got, const std::vector<uint8_t>& all,
-                                  const Options& o, int r) {
+// Counts the bytes of a call's outputs (`got`, `rows` rows) that differ from
+// rows [first, first + rows) of another call's outputs (`all`, o.M rows); both
+// in outputs_of order.
+inline size_t row_differences(const std::vector<uint8_t>& got, const std::vector<uint8_t>& all,
+                              const Options& o, int64_t rows, int64_t first) {
   Options local = o;
-  local.M = o.M / o.ranks;
+  local.M = int(rows);
   const OutputBytes bl = output_bytes(local), ba = output_bytes(o);
-  const size_t rows = size_t(local.M), first = size_t(r) * rows;
   size_t diff = 0, gl = 0, ga = 0;  // section starts in got / all
   auto rowwise = [&](size_t bytes_local, size_t bytes_all) {
-    const size_t row = rows ? bytes_local / rows : 0;
-    for (size_t i = 0; i < bytes_local; ++i) diff += got[gl + i] != all[ga + first * row + i];
+    const size_t row = rows ? bytes_local / size_t(rows) : 0;
+    for (size_t i = 0; i < bytes_local; ++i) diff += got[gl + i] != all[ga + size_t(first) * row + i];
     gl += bytes_local;
     ga += bytes_all;
   };
@@ -62,12 +62,18 @@ inline size_t scatter_differences(const std::vector<uint8_t>& got, const std::ve
   rowwise(bl.quant, ba.quant);
   const int64_t per = scales_per_row(o);
   const size_t width = o.quant == "nvfp4" ? 1 : 4;
-  for (size_t i = 0; i < rows && bl.scale; ++i)
+  for (int64_t i = 0; i < rows && bl.scale; ++i)
     for (int64_t j = 0; j < per; ++j)
       for (size_t b = 0; b < width; ++b)
-        diff += got[gl + scale_offset(o, local.M, int64_t(i), j) + b] !=
-                all[ga + scale_offset(o, o.M, int64_t(first + i), j) + b];
+        diff += got[gl + scale_offset(o, rows, i, j) + b] != all[ga + scale_offset(o, o.M, first + i, j) + b];
   return diff;
+}
+
+// Rank r's reduce-scatter outputs (M/N rows) against the all-reduce's rows.
+inline size_t scatter_differences(const std::vector<uint8_t>& got, const std::vector<uint8_t>& all,
+                                  const Options& o, int r) {
+  const int64_t rows = o.M / o.ranks;
+  return row_differences(got, all, o, rows, int64_t(r) * rows);
 }
 
 }  // namespace harness
