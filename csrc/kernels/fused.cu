@@ -466,7 +466,12 @@ using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 
 // One-vector geometries: blocks of up to 256 threads (rows up to 2048
 // vectors: H <= 16384 in bf16) with the registers of a small block, wider rows
-// a block of up to kMaxThreads.
+// a block of up to kMaxThreads. MAR_FEW_ROWS_MIN_BLOCKS bounds the small
+// blocks' registers for that many 256-thread blocks per SM (more clusters
+// resident beside a peer's on virtual ranks; docs/perf.md v7, not yet timed).
+#ifndef MAR_FEW_ROWS_MIN_BLOCKS
+#define MAR_FEW_ROWS_MIN_BLOCKS 1
+#endif
 template <typename T, int kMaxTR, int kMinBlocks, int VPT>
 Kernel<T> kernel_of(Algorithm algorithm) {
   return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks, VPT>
@@ -488,7 +493,7 @@ Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g) {
     default: break;
   }
   if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm);
-  return kernel_of<T, 256, 1, 1>(algorithm);
+  return kernel_of<T, 256, MAR_FEW_ROWS_MIN_BLOCKS, 1>(algorithm);
 }
 
 // Every kernel kernel_for can return.
@@ -496,7 +501,8 @@ template <typename T>
 std::vector<Kernel<T>> all_kernels() {
   std::vector<Kernel<T>> out;
   for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot})
-    for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo), kernel_of<T, kMaxThreads, 1, 1>(algo),
+    for (Kernel<T> k : {kernel_of<T, 256, MAR_FEW_ROWS_MIN_BLOCKS, 1>(algo),
+                        kernel_of<T, kMaxThreads, 1, 1>(algo),
                         many_rows_kernel<T, 2>(algo), many_rows_kernel<T, 4>(algo)})
       out.push_back(k);
   return out;
