@@ -36,9 +36,11 @@ def harness(tmp_path_factory):
 
 
 QUANTS = ("none", "fp8_static", "fp8_per_token", "fp8_per_group", "nvfp4")
-# Sizes across the kernels' switch points: one row (one cluster), a row count that is
-# not a multiple of the ranks, more rows than co-resident clusters (rows per cluster > 1),
-# and a wide grid with odd H; every quant format; 1-4 ranks.
+# Sizes across the kernels' switch points: one row (a cluster of blocks, one vector per
+# thread), a row count past the many-rows switch (128: a row per block, several vectors
+# per thread at H = 7168) and not a multiple of the ranks, more rows than co-resident
+# blocks (each walks several rows), and a wide grid at H = 2048 (one vector per thread in
+# either geometry); every quant format; 1-4 ranks.
 CASES = ([(ranks, quant, M) for ranks in (2, 4) for quant in QUANTS for M in (1, 129, 3001)]
          + [(1, q, 1000) for q in QUANTS] + [(3, "nvfp4", 1000), (4, "none", 4099)])
 
