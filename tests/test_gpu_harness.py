@@ -13,6 +13,7 @@ says nothing of speed).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -99,10 +100,18 @@ def test_rows_equal_in_every_geometry(harness, ranks, quant, H, M):
     M-row call (a row per block, several vectors per thread) equal, byte for byte, a call of
     those 100 rows alone (a row per cluster, one vector per thread)."""
     out = _run(harness, "--ranks", ranks, "--M", M, "--H", H, "--quant", quant, "--prefix", 100)
-    assert "PREFIX OK: 100 rows" in out, out[-4000:]
+    _assert_two_geometries_agree(out)
 
 
 def test_rows_equal_in_every_geometry_staged_groups(harness):
     out = _run(harness, "--ranks", 2, "--M", 300, "--H", 3072, "--quant", "fp8_per_group",
                "--group-size", 48, "--prefix", 100)
-    assert "PREFIX OK: 100 rows" in out, out[-4000:]
+    _assert_two_geometries_agree(out)
+
+
+def _assert_two_geometries_agree(out):
+    m = re.search(r"PREFIX OK: 100 rows .*\(blocks of (\d+) threads, cluster (\d+), "
+                  r"against (\d+) threads, cluster (\d+)\)", out)
+    assert m, out[-4000:]
+    few, many = m.group(1, 2), m.group(3, 4)
+    assert few != many, f"both calls ran one geometry {few}: the case tests nothing"

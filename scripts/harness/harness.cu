@@ -374,20 +374,26 @@ int main(int argc, char** argv) {
       check(mar::launch_fused(mar::DType::kBF16, fewer[r], *views[r], algos[0], rk.streams[r]),
             "launch");
     }
+    // The shapes of both calls, printed so that a test can tell whether two geometries met.
+    const mar::LaunchShape s_few = mar::fused_launch_shape(mar::DType::kBF16, fewer[0], *views[0], algos[0]);
+    const mar::LaunchShape s_all = mar::fused_launch_shape(mar::DType::kBF16, args[0][0], *views[0], algos[0]);
+    char shapes[160];
+    std::snprintf(shapes, sizeof(shapes), "(blocks of %d threads, cluster %d, against %d threads, cluster %d)",
+                  s_few.block, s_few.cluster, s_all.block, s_all.cluster);
     bool same = true;
     for (size_t r = 0; r < rk.devs.size(); ++r) {
       rk.set(r);
       check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
-      const mar::LaunchShape s = mar::fused_launch_shape(mar::DType::kBF16, fewer[r], *views[r], algos[0]);
       const size_t diff = row_differences(outputs_of(fewer[r], local), outputs_of(args[0][r], o), o,
                                           o.prefix, 0);
       if (diff)
-        std::printf("PREFIX FAIL: rank %zu: %zu bytes of the %d-row call (grid %d x %d, cluster %d) "
-                    "differ from the %d-row call's rows\n", r, diff, o.prefix, s.grid, s.block,
-                    s.cluster, o.M);
+        std::printf("PREFIX FAIL: rank %zu: %zu bytes of the %d-row call differ from the %d-row call's "
+                    "rows %s\n", r, diff, o.prefix, o.M, shapes);
       same = same && diff == 0;
     }
-    if (same) std::printf("PREFIX OK: %d rows equal in a call of %d rows, byte for byte\n", o.prefix, o.M);
+    if (same)
+      std::printf("PREFIX OK: %d rows equal in a call of %d rows, byte for byte %s\n", o.prefix, o.M,
+                  shapes);
     if (!same) {
       mar::runtime::destroy_all();
       return 1;
