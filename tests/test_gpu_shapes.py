@@ -53,3 +53,23 @@ def test_many_rows_per_block(rng, algorithm, mesh_case):
                     shared=True, oob=True, nw_dtype="f32", quant=Q.fp8_per_token(),
                     outputs=("residual", "norm", "quant"))
     check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)
+
+
+# The many-rows geometry (a row per block, 2 or 4 vectors per thread: M >= 128 and H/V > 256)
+# with what the other many-rows tests leave out: K beyond one 8-slot chunk with bf16 router
+# weights and no shared expert, float32 rows without weights, K = 1 with the staged per-group
+# quantizer (group 96), and the dense variant.
+@pytest.mark.parametrize("mesh_case", GPU_MESHES)
+@pytest.mark.parametrize(
+    "dtype,H,K,scales,shared,dense,quant",
+    [(BF16, 7168, 9, "T", False, False, Q.nvfp4()),
+     (F32, 2048, 8, None, True, False, Q.fp8_per_token()),
+     (F16, 4608, 1, "f32", True, False, Q.fp8_per_group(96)),
+     (BF16, 4096, 8, None, False, True, Q.fp8_static())],
+    ids=["bf16-7168-K9-noshared", "f32-2048-unweighted", "f16-4608-K1-staged", "bf16-4096-dense"])
+def test_many_rows_geometry_variants(rng, algorithm, mesh_case, dtype, H, K, scales, shared,
+                                     dense, quant):
+    case = gen_case(rng, mesh_case, dtype=dtype, M=300, H=H, K=K, scales=scales, shared=shared,
+                    dense=dense, oob=not dense, nw_dtype="f32", quant=quant,
+                    outputs=("residual", "norm", "quant"))
+    check_every_rank(case, mesh_case, platform="gpu", algorithm=algorithm)

@@ -465,13 +465,12 @@ template <typename T>
 using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 
 // One-vector geometries: blocks of up to 256 threads (rows up to 2048
-// vectors: H <= 16384 in bf16) with the registers of a small block, wider rows
-// a block of up to kMaxThreads. MAR_FEW_ROWS_MIN_BLOCKS bounds the small
-// blocks' registers for that many 256-thread blocks per SM (more clusters
-// resident beside a peer's on virtual ranks; docs/perf.md v7, not yet timed).
-#ifndef MAR_FEW_ROWS_MIN_BLOCKS
-#define MAR_FEW_ROWS_MIN_BLOCKS 1
-#endif
+// vectors: H <= 16384 in bf16), wider rows a block of up to kMaxThreads.
+// A rank that has its GPU to itself takes the small blocks with all the
+// registers they want (~160: a shorter chain); ranks that share a GPU take
+// them bounded to two blocks per SM (~120 registers, no spills), so that a
+// rank's clusters fit beside its peers' (1xH200, 2 virtual ranks at M = 32:
+// 7.49 against 11.19 µs; docs/perf.md v8).
 template <typename T, int kMaxTR, int kMinBlocks, int VPT>
 Kernel<T> kernel_of(Algorithm algorithm) {
   return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks, VPT>
@@ -486,14 +485,14 @@ Kernel<T> many_rows_kernel(Algorithm algorithm) {
 }
 
 template <typename T>
-Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g) {
+Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g, bool shares_device) {
   switch (g.VPT) {
     case 2: return many_rows_kernel<T, 2>(algorithm);
     case 4: return many_rows_kernel<T, 4>(algorithm);
     default: break;
   }
   if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm);
-  return kernel_of<T, 256, MAR_FEW_ROWS_MIN_BLOCKS, 1>(algorithm);
+  return shares_device ? kernel_of<T, 256, 2, 1>(algorithm) : kernel_of<T, 256, 1, 1>(algorithm);
 }
 
 // Every kernel kernel_for can return.
@@ -501,7 +500,7 @@ template <typename T>
 std::vector<Kernel<T>> all_kernels() {
   std::vector<Kernel<T>> out;
   for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot})
-    for (Kernel<T> k : {kernel_of<T, 256, MAR_FEW_ROWS_MIN_BLOCKS, 1>(algo),
+    for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo), kernel_of<T, 256, 2, 1>(algo),
                         kernel_of<T, kMaxThreads, 1, 1>(algo),
                         many_rows_kernel<T, 2>(algo), many_rows_kernel<T, 4>(algo)})
       out.push_back(k);
@@ -573,16 +572,18 @@ struct Launch {
 
 template <typename T>
 cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm algo, Launch<T>* l) {
-  l->g = geometry_of<T>(a.H, a.M);
-  l->smem = stage_bytes<T>(a, l->g);
-  // A reduce-scatter is two-shot's first half whatever the algorithm asked.
-  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g);
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   // This rank may fill group_sms of the device's SMs (fewer when ranks of the
-  // group share the device): its share of the resident clusters.
+  // group share the device).
   const int sms = std::max(1, device_sms(device));
+  l->g = geometry_of<T>(a.H, a.M);
+  l->smem = stage_bytes<T>(a, l->g);
+  // A reduce-scatter is two-shot's first half whatever the algorithm asked.
+  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g,
+                            x.group_sms < sms);
+  // Its share of the resident clusters.
   const int64_t fit = int64_t(resident_clusters(reinterpret_cast<const void*>(l->kernel), l->g,
                                                 l->smem, device)) *
                       std::min(sms, x.group_sms) / sms;
