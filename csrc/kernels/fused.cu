@@ -33,6 +33,10 @@
 // The math is common/ (the CPU path runs the same functions); this file only
 // decides who computes what. (Over 400 lines: both algorithms share the wire,
 // exchange and launch code around them, which belongs with them.)
+#ifndef MAR_ELEMENT_TYPE
+#error "fused.cu is compiled through fused_f32.cu, fused_bf16.cu and fused_f16.cu, one element type each"
+#endif
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -289,7 +293,7 @@ __device__ __forceinline__ void reduce_row(const ExchangeView& x, const CallStat
 }
 
 // ---- one-shot ---------------------------------------------------------------------------
-template <typename T, int kMaxTR, int kMinBlocks, int VPT>
+template <typename T, int kMaxTR, int kMinBlocks, int VPT, QuantKind Q>
 __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     oneshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
@@ -337,7 +341,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     uint4 r[VPT];
     reduce_row<T, VPT>(x, st, m, p.vs, own, res, r);
     tr.lap(kTraceStage);
-    row_tail<T, VPT>(a, TailPlace{m, p.M}, p.vs, r, slice_elems(g, Pack<T>::V), int(p.C), sh, ts,
+    row_tail<T, VPT, Q>(a, TailPlace{m, p.M}, p.vs, r, slice_elems(g, Pack<T>::V), int(p.C), sh, ts,
                      stage);
     tr.lap(kTraceFinish);
     tr.row();
@@ -362,7 +366,7 @@ __host__ __device__ inline uint64_t flags_bytes(int64_t M, int C) {
   return (uint64_t(M) * uint64_t(C) * 4 + 255) / 256 * 256;
 }
 
-template <typename T, int kMaxTR, int kMinBlocks, int VPT>
+template <typename T, int kMaxTR, int kMinBlocks, int VPT, QuantKind Q>
 __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     twoshot_kernel(const __grid_constant__ LayerArgs a, const __grid_constant__ ExchangeView x,
                    const Geometry g) {
@@ -430,7 +434,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
         st_release_sys(flag_at(int(threadIdx.x), m), st.epoch + 1u);
     }
     tr.lap(kTraceStage);
-    row_tail<T, VPT>(a, TailPlace{out, rows_out}, vs, r, slice, int(p.C), sh, ts, stage);
+    row_tail<T, VPT, Q>(a, TailPlace{out, rows_out}, vs, r, slice, int(p.C), sh, ts, stage);
     tr.lap(kTraceFinish);
     tr.row();
   }
@@ -450,7 +454,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     for (int i = 0; i < VPT; ++i) r[i] = vs.active(i) && ok ? ld_relaxed_sys(packet_at(x.rank, m, i)) : kSentinel4;
     __syncthreads();  // ok_flag is rewritten for the next row
     tr.lap(kTraceStage);
-    row_tail<T, VPT>(a, TailPlace{m, p.M}, vs, r, slice, int(p.C), sh, ts, stage);
+    row_tail<T, VPT, Q>(a, TailPlace{m, p.M}, vs, r, slice, int(p.C), sh, ts, stage);
     tr.lap(kTraceFinish);
     tr.row();
   }
@@ -471,28 +475,49 @@ using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 // them bounded to two blocks per SM (~120 registers, no spills), so that a
 // rank's clusters fit beside its peers' (1xH200, 2 virtual ranks at M = 32:
 // 7.49 against 11.19 µs; docs/perf.md v8).
-template <typename T, int kMaxTR, int kMinBlocks, int VPT>
+// Every shape comes compiled once per quant kind (row_tail): `quant` is the
+// call's kind, or kNone when it asks for no codes (quant_of).
+template <typename T, int kMaxTR, int kMinBlocks, int VPT, QuantKind Q>
 Kernel<T> kernel_of(Algorithm algorithm) {
-  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks, VPT>
-                                          : oneshot_kernel<T, kMaxTR, kMinBlocks, VPT>;
+  return algorithm == Algorithm::kTwoShot ? twoshot_kernel<T, kMaxTR, kMinBlocks, VPT, Q>
+                                          : oneshot_kernel<T, kMaxTR, kMinBlocks, VPT, Q>;
 }
+
+template <typename T, int kMaxTR, int kMinBlocks, int VPT>
+Kernel<T> kernel_of(Algorithm algorithm, QuantKind quant) {
+  switch (quant) {
+    case QuantKind::kFp8Static:
+      return kernel_of<T, kMaxTR, kMinBlocks, VPT, QuantKind::kFp8Static>(algorithm);
+    case QuantKind::kFp8PerToken:
+      return kernel_of<T, kMaxTR, kMinBlocks, VPT, QuantKind::kFp8PerToken>(algorithm);
+    case QuantKind::kFp8PerGroup:
+      return kernel_of<T, kMaxTR, kMinBlocks, VPT, QuantKind::kFp8PerGroup>(algorithm);
+    case QuantKind::kNvFp4:
+      return kernel_of<T, kMaxTR, kMinBlocks, VPT, QuantKind::kNvFp4>(algorithm);
+    default:
+      return kernel_of<T, kMaxTR, kMinBlocks, VPT, QuantKind::kNone>(algorithm);
+  }
+}
+
+QuantKind quant_of(const OpConfig& c) { return c.quantizes() ? c.quant : QuantKind::kNone; }
 
 // Many rows: blocks of up to 2 * kManyRowsThreads threads, 128 registers each.
 template <typename T, int VPT>
-Kernel<T> many_rows_kernel(Algorithm algorithm) {
+Kernel<T> many_rows_kernel(Algorithm algorithm, QuantKind quant) {
   static_assert(MAR_MANY_ROWS_BOUND >= 2 * kManyRowsThreads, "a many-rows block must fit");
-  return kernel_of<T, MAR_MANY_ROWS_BOUND, 1, VPT>(algorithm);
+  return kernel_of<T, MAR_MANY_ROWS_BOUND, 1, VPT>(algorithm, quant);
 }
 
 template <typename T>
-Kernel<T> kernel_for(Algorithm algorithm, const Geometry& g, bool shares_device) {
+Kernel<T> kernel_for(Algorithm algorithm, QuantKind quant, const Geometry& g, bool shares_device) {
   switch (g.VPT) {
-    case 2: return many_rows_kernel<T, 2>(algorithm);
-    case 4: return many_rows_kernel<T, 4>(algorithm);
+    case 2: return many_rows_kernel<T, 2>(algorithm, quant);
+    case 4: return many_rows_kernel<T, 4>(algorithm, quant);
     default: break;
   }
-  if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm);
-  return shares_device ? kernel_of<T, 256, 2, 1>(algorithm) : kernel_of<T, 256, 1, 1>(algorithm);
+  if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm, quant);
+  return shares_device ? kernel_of<T, 256, 2, 1>(algorithm, quant)
+                       : kernel_of<T, 256, 1, 1>(algorithm, quant);
 }
 
 // Every kernel kernel_for can return.
@@ -500,10 +525,12 @@ template <typename T>
 std::vector<Kernel<T>> all_kernels() {
   std::vector<Kernel<T>> out;
   for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot})
-    for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo), kernel_of<T, 256, 2, 1>(algo),
-                        kernel_of<T, kMaxThreads, 1, 1>(algo),
-                        many_rows_kernel<T, 2>(algo), many_rows_kernel<T, 4>(algo)})
-      out.push_back(k);
+    for (QuantKind q : {QuantKind::kNone, QuantKind::kFp8Static, QuantKind::kFp8PerToken,
+                        QuantKind::kFp8PerGroup, QuantKind::kNvFp4})
+      for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo, q), kernel_of<T, 256, 2, 1>(algo, q),
+                          kernel_of<T, kMaxThreads, 1, 1>(algo, q),
+                          many_rows_kernel<T, 2>(algo, q), many_rows_kernel<T, 4>(algo, q)})
+        out.push_back(k);
   return out;
 }
 
@@ -581,8 +608,8 @@ cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm alg
   l->g = geometry_of<T>(a.H, a.M);
   l->smem = stage_bytes<T>(a, l->g);
   // A reduce-scatter is two-shot's first half whatever the algorithm asked.
-  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, l->g,
-                            x.group_sms < sms);
+  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, quant_of(a.cfg),
+                            l->g, x.group_sms < sms);
   // Its share of the resident clusters.
   const int64_t fit = int64_t(resident_clusters(reinterpret_cast<const void*>(l->kernel), l->g,
                                                 l->smem, device)) *
@@ -618,21 +645,10 @@ cudaError_t load_kernels() {
   return cudaSuccess;
 }
 
-}  // namespace
-
-cudaError_t prepare_fused_kernels() {
-  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
-    const cudaError_t e = with_float_type(t, [](auto tag) { return load_kernels<decltype(tag)>(); });
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
-}
-
-const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeView& x,
-                                   Algorithm algorithm) {
-  if (algorithm != Algorithm::kOneShot && algorithm != Algorithm::kTwoShot)
-    return "unknown algorithm code";
-  const uint64_t elem = t == DType::kF32 ? 4 : 2, row_bytes = uint64_t(a.H) * elem;
+// Why a call cannot run (fused_capacity_problem); nullptr when it can.
+template <typename T>
+const char* capacity_problem(const LayerArgs& a, const ExchangeView& x, Algorithm algorithm) {
+  const uint64_t row_bytes = uint64_t(a.H) * sizeof(T);
   // The kernels index elements with 32-bit math.
   const uint64_t limit = uint64_t(kMaxElements);
   if (uint64_t(a.M) * uint64_t(a.H) >= limit || uint64_t(a.P) * uint64_t(a.H) >= limit ||
@@ -642,33 +658,37 @@ const char* fused_capacity_problem(DType t, const LayerArgs& a, const ExchangeVi
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
   if (algorithm == Algorithm::kTwoShot && !a.cfg.has(kScatter)) {
-    const int C = with_float_type(t, [&](auto tag) { return geometry_of<decltype(tag)>(a.H, a.M).C; });
+    const int C = geometry_of<T>(a.H, a.M).C;
     if (flags_bytes(a.M, C) + uint64_t(a.M) * row_bytes > x.gather_bytes)
       return "the call's rows exceed the workspace's gather area";
   }
   return nullptr;
 }
 
-cudaError_t launch_fused(DType t, const LayerArgs& a, const ExchangeView& x, Algorithm algorithm,
-                         cudaStream_t stream) {
-  if (a.M <= 0) return cudaSuccess;
-  return with_float_type(t, [&](auto tag) {
-    return launch_typed<decltype(tag)>(a, x, algorithm, stream);
-  });
+template <typename T>
+LaunchShape launch_shape(const LayerArgs& a, const ExchangeView& x, Algorithm algorithm) {
+  Launch<T> l;
+  LaunchShape shape;
+  if (plan_launch<T>(a, x, algorithm, &l) != cudaSuccess) return shape;
+  shape.grid = l.g.G * l.g.C;
+  shape.block = l.g.TR;
+  shape.cluster = l.g.C;
+  shape.smem = l.smem;
+  return shape;
 }
 
-LaunchShape fused_launch_shape(DType t, const LayerArgs& a, const ExchangeView& x,
-                               Algorithm algorithm) {
-  return with_float_type(t, [&](auto tag) {
-    Launch<decltype(tag)> l;
-    LaunchShape shape;
-    if (plan_launch<decltype(tag)>(a, x, algorithm, &l) != cudaSuccess) return shape;
-    shape.grid = l.g.G * l.g.C;
-    shape.block = l.g.TR;
-    shape.cluster = l.g.C;
-    shape.smem = l.smem;
-    return shape;
-  });
+}  // namespace
+
+// The entry points of this translation unit's element type (fused_<type>.cu).
+template <>
+FusedOps fused_ops<MAR_ELEMENT_TYPE>() {
+  using T = MAR_ELEMENT_TYPE;
+  FusedOps ops;
+  ops.prepare = &load_kernels<T>;
+  ops.capacity_problem = &capacity_problem<T>;
+  ops.launch = &launch_typed<T>;
+  ops.shape = &launch_shape<T>;
+  return ops;
 }
 
 }  // namespace mar

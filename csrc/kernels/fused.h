@@ -32,4 +32,19 @@ struct LaunchShape {
 LaunchShape fused_launch_shape(DType t, const LayerArgs& args, const ExchangeView& view,
                                Algorithm algorithm);
 
+// ---- internal: the per-element-type halves of the functions above -------------------
+// The kernels of each element type are compiled in a translation unit of their own
+// (fused_f32.cu, fused_bf16.cu, fused_f16.cu, each including fused.cu), so that the
+// three compile in parallel; fused_entry.cc dispatches on DType to them.
+struct FusedOps {
+  cudaError_t (*prepare)();
+  const char* (*capacity_problem)(const LayerArgs&, const ExchangeView&, Algorithm);
+  cudaError_t (*launch)(const LayerArgs&, const ExchangeView&, Algorithm, cudaStream_t);
+  LaunchShape (*shape)(const LayerArgs&, const ExchangeView&, Algorithm);
+};
+template <typename T> FusedOps fused_ops();
+template <> FusedOps fused_ops<float>();
+template <> FusedOps fused_ops<bf16_t>();
+template <> FusedOps fused_ops<f16_t>();
+
 }  // namespace mar

@@ -149,8 +149,11 @@ __device__ void quantize_staged(const LayerArgs& a, TailPlace at, const T* stage
 // `sh` are this block's shared memory. Only r and one vector's values are
 // held at a time: each vector is normed and quantized on its own, except for
 // the per-token scale, which needs the whole row's amax first (its vectors are
-// normed twice; the arithmetic is the same both times).
-template <typename T, int VPT>
+// normed twice; the arithmetic is the same both times). The tail is compiled
+// for one quant kind Q, the call's (kNone when no codes are asked for): a
+// kernel then holds one quantizer's code, not five, which is smaller and needs
+// fewer registers (1xH200: 4.91 against 5.33 µs at M = 1; docs/perf.md v8).
+template <typename T, int VPT, QuantKind Q>
 __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& vs,
                          const uint4 (&r)[VPT], uint32_t slice, int C, TailShared& sh,
                          TailState& ts, T* stage) {
@@ -160,7 +163,11 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
   // reduction so that its latency hides behind the barrier. Several: loaded
   // where used (it stays in L1 from row to row), which saves the registers.
   constexpr bool kGammaEarly = VPT == 1;
-  const OpConfig& c = a.cfg;
+  // The call's configuration with its quant kind fixed at compile time: every
+  // test of c.quant below folds, and c.quantizes() with it (the launcher picks
+  // Q = kNone unless codes are asked for, so kOutQuant is set whenever Q is not).
+  OpConfig c = a.cfg;
+  c.quant = Q;
   const uint32_t H = uint32_t(a.H);
   float g_early[kGammaEarly ? V : 1];
   double sum_sq[VPT];

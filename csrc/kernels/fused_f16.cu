@@ -1,0 +1,4 @@
+// The fused kernels for f16 rows: fused.cu compiled for one element type, so
+// that the three types compile in parallel (fused.h, FusedOps).
+#define MAR_ELEMENT_TYPE f16_t
+#include "fused.cu"
