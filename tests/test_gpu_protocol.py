@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_moe_ar as mar
-from jax_moe_ar.testing import N4, make_mesh, sharded
+from jax_moe_ar.testing import N1, N2, N4, make_mesh, sharded
 
 from cases import ALGORITHMS, BF16, H_REAL, Q, build, check_against_oracle, gen_case, \
     require_gpus
@@ -70,15 +70,18 @@ BACK_TO_BACK = {
 }
 
 
+@pytest.mark.parametrize("mc", [N1, N4], ids=lambda m: m.id)
 @pytest.mark.parametrize("algorithm,M", [pytest.param(a, M, id=f"{a}-M{M}")
                                          for a, cfg in BACK_TO_BACK.items() for M in cfg["Ms"]])
-def test_back_to_back_calls_exact(rng, algorithm, M):
-    """Programs of 100 calls back to back on 4 GPUs (a scan; 1,000 one-shot calls, 300
-    two-shot), inputs changing every call and the residual chained: every call's outputs
-    match the oracle. A stale buffer, a reader racing a clearer, or a lost sentinel shows
-    up as a mismatch or a hang."""
+def test_back_to_back_calls_exact(rng, algorithm, M, mc):
+    """Programs of 100 calls back to back on 4 GPUs and on a group of one (a scan; 1,000
+    one-shot calls, 300 two-shot; 300 each on a group of one, to keep the oracle's share
+    of the suite down), inputs changing every call and the residual chained:
+    every call's outputs match the oracle. A stale buffer, a reader racing a clearer, a
+    lost sentinel, or a kernel reading before its predecessor finished (programmatic
+    dependent launch) shows up as a mismatch or a hang."""
     cfg = BACK_TO_BACK[algorithm]
-    mesh = make_mesh("gpu", N4)
+    mesh = make_mesh("gpu", mc)
     steps, H, K = 100, 256, 8
     quant, outputs = cfg["quant"], ("residual", "norm", "quant")
     keys = ["expert_out", "permuted_idx"] + (["expert_scales"] if cfg["scales"] else [])
@@ -95,11 +98,11 @@ def test_back_to_back_calls_exact(rng, algorithm, M):
     f = sharded(body, mesh, (P(), P()) + (P(None, "tp"),) * len(keys), P())
     gamma = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
     residual = rng.standard_normal((M, H)).astype(BF16)
-    for _ in range(cfg["programs"]):
-        cases = [gen_case(rng, N4, dtype=BF16, M=M, H=H, K=K, P=cfg["P"], scales=cfg["scales"])
+    for _ in range(cfg["programs"] if mc.size > 1 else 3):
+        cases = [gen_case(rng, mc, dtype=BF16, M=M, H=H, K=K, P=cfg["P"], scales=cfg["scales"])
                  for _ in range(steps)]
         stack = lambda key: np.stack([np.concatenate([c.groups[0]["ranks"][r][key]
-                                                      for r in range(4)]) for c in cases])
+                                                      for r in range(mc.size)]) for c in cases])
         ys = [np.asarray(y) for y in f(residual, gamma, *map(stack, keys))]
         for s, c in enumerate(cases):
             c.groups[0]["residual"], c.norm_weight = residual, gamma
@@ -107,6 +110,46 @@ def test_back_to_back_calls_exact(rng, algorithm, M):
             ref = check_against_oracle(dict(residual=ys[0][s], norm=ys[1][s], quant=ys[2][s],
                                             scale=ys[3][s]), c)
             residual = ref["residual"]
+    mar.check_errors()
+
+
+@pytest.mark.parametrize("mc", [N1, N2, N4], ids=lambda m: m.id)
+@pytest.mark.parametrize("M", [1, 300])
+def test_chained_calls_with_nothing_between(rng, algorithm, M, mc):
+    """Twelve calls in a row, each reading the residual the previous one wrote, with no
+    other kernel between them: the kernels are launched so that the next may be scheduled
+    while the previous still runs (programmatic dependent launch), and each must wait
+    for its predecessor before it reads anything. Reading early shows up here as a
+    mismatch: the residual would be the one of a call before. Both geometries (1 row,
+    300 rows), every call against the oracle."""
+    mesh = make_mesh("gpu", mc)
+    calls, H = 12, H_REAL if M == 1 else 2048  # (the oracle's time)
+    cases = [gen_case(rng, mc, dtype=BF16, M=M, H=H, K=8, scales="f32", rsf=2.5)
+             for _ in range(calls)]
+
+    def body(res, gamma, *xs):
+        outs = []
+        for c in range(calls):
+            o = mar.moe_finalize_allreduce(xs[3 * c], xs[3 * c + 1], res, gamma,
+                                           axis_name="tp", expert_scales=xs[3 * c + 2],
+                                           routed_scaling_factor=2.5,
+                                           outputs=("residual", "norm"), algorithm=algorithm)
+            res = o.residual
+            outs.append((o.residual, o.norm))
+        return outs
+
+    keys = ("expert_out", "permuted_idx", "expert_scales")
+    xs = [np.concatenate([c.groups[0]["ranks"][r][k] for r in range(mc.size)])
+          for c in cases for k in keys]
+    f = sharded(body, mesh, (P(), P()) + (P("tp"),) * len(xs), P())
+    residual, gamma = cases[0].groups[0]["residual"], cases[0].norm_weight
+    outs = f(residual, gamma, *xs)
+    for c, (res_out, norm_out) in zip(cases, outs):
+        c.groups[0]["residual"], c.norm_weight = residual, gamma
+        c.outputs = ("residual", "norm")
+        ref = check_against_oracle(dict(residual=np.asarray(res_out),
+                                        norm=np.asarray(norm_out), quant=None, scale=None), c)
+        residual = ref["residual"]
     mar.check_errors()
 
 

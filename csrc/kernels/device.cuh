@@ -196,6 +196,24 @@ __device__ __forceinline__ float lanes_nan_max(float v, int n) {
   return v;
 }
 
+// ---- programmatic dependent launch ----------------------------------------------
+// The kernels are launched so that a kernel may be scheduled while its
+// predecessor on the stream still runs (fused.cu, launch_typed): its launch
+// latency then hides behind the predecessor's end. Before its first global
+// access a kernel waits for the predecessor to complete and its writes to be
+// visible (griddepcontrol.wait; a no-op when launched the ordinary way).
+__device__ __forceinline__ void wait_for_predecessor() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+// Lets the next kernel on the stream be scheduled once every block of this one
+// has called it (or exited). That kernel still waits for this one to complete
+// before it reads anything (wait_for_predecessor), so it only occupies SM
+// slots early: a block calls it once it waits for no peer any more, so that
+// those slots can never keep a peer's grid, on a shared GPU, from starting.
+__device__ __forceinline__ void let_successor_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // ---- per-call state ------------------------------------------------------------
 struct CallState {
   uint32_t epoch;

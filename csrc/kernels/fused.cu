@@ -301,11 +301,15 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   __shared__ TailShared sh;
   __shared__ uint64_t trace_words[8];
   T* stage = reinterpret_cast<T*>(stage_raw);
-  const CallState st = begin_call(x);
   const Place<VPT> p = place_of<T, VPT>(a, g);
+  wait_for_predecessor();
+  const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
   ts.entry.arrive(int(p.C));
+  // A block waits for peers only in reduce_row: none in a group of one, or
+  // without rows; otherwise its last row's reduce_row is its last wait.
+  if (x.nranks == 1 || p.cluster >= p.M) let_successor_launch();
   zero_swizzle_padding_rows(a, p.M);
   // Loads row `row`'s residual and this rank's wire of it, which it pushes to
   // every peer. With several vectors per thread, 16 row loads in flight (8 in
@@ -340,6 +344,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     tr.lap(kTracePush);
     uint4 r[VPT];
     reduce_row<T, VPT>(x, st, m, p.vs, own, res, r);
+    if (x.nranks > 1 && m + p.G >= p.M) let_successor_launch();
     tr.lap(kTraceStage);
     row_tail<T, VPT, Q>(a, TailPlace{m, p.M}, p.vs, r, slice_elems(g, Pack<T>::V), int(p.C), sh, ts,
                      stage);
@@ -375,12 +380,16 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   __shared__ int ok_flag;
   __shared__ uint64_t trace_words[8];
   T* stage = reinterpret_cast<T*>(stage_raw);
-  const CallState st = begin_call(x);
   const Place<VPT> p = place_of<T, VPT>(a, g);
   const Vectors<VPT>& vs = p.vs;
+  wait_for_predecessor();
+  const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
   ts.entry.arrive(int(p.C));
+  // Waits are spread over phases 2 and 3: the successor may launch once this
+  // block is past them all (at once in a group of one).
+  if (x.nranks == 1) let_successor_launch();
   const uint32_t chunk = (p.M + uint32_t(x.nranks) - 1) / uint32_t(x.nranks);
   auto owner = [chunk](uint32_t m) { return int(m / chunk); };
   // Reduce-scatter (SPEC §2.1): the owned rows are the whole output; residual
@@ -458,6 +467,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     tr.lap(kTraceFinish);
     tr.row();
   }
+  if (x.nranks > 1) let_successor_launch();
   ts.entry.enter();  // a block without rows still completes the entry barrier
   finish_call(x, st.epoch);
   tr.lap(kTraceOther);
@@ -629,9 +639,13 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
   cfg.blockDim = dim3(unsigned(l.g.TR));
   cfg.dynamicSmemBytes = l.smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr = cluster_attribute(l.g.C);
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  // Programmatic dependent launch (device.cuh, wait_for_predecessor): the
+  // kernel may be scheduled while its predecessor on the stream finishes.
+  cudaLaunchAttribute attrs[2] = {cluster_attribute(l.g.C), {}};
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = programmatic_launch() ? 2 : 1;
   return cudaLaunchKernelEx(&cfg, l.kernel, a, x, l.g);
 }
 

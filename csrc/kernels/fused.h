@@ -32,6 +32,11 @@ struct LaunchShape {
 LaunchShape fused_launch_shape(DType t, const LayerArgs& args, const ExchangeView& view,
                                Algorithm algorithm);
 
+// Whether the kernels are launched with programmatic dependent launch (on
+// unless $JAX_MOE_AR_PDL is "0" when the first call is launched; the switch is
+// there for measuring with and without).
+bool programmatic_launch();
+
 // ---- internal: the per-element-type halves of the functions above -------------------
 // The kernels of each element type are compiled in a translation unit of their own
 // (fused_f32.cu, fused_bf16.cu, fused_f16.cu, each including fused.cu), so that the

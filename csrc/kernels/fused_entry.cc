@@ -2,6 +2,9 @@
 // type to the kernels compiled for it (fused_<type>.cu).
 #include "fused.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace mar {
 namespace {
 
@@ -10,6 +13,14 @@ FusedOps ops_of(DType t) {
 }
 
 }  // namespace
+
+bool programmatic_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_MOE_AR_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
 
 cudaError_t prepare_fused_kernels() {
   for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
