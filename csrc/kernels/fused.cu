@@ -75,11 +75,12 @@ using namespace dev;
 
 // Blocks per row (a cluster), threads per block and vectors per thread.
 // Few rows: about 128 vectors per block, one per thread, so a row spreads over
-// up to kMaxCluster SMs. Many rows (kManyRows): the row in one block of up to
+// up to kMaxCluster SMs. Many rows: the row in one block of up to
 // 2 * kManyRowsThreads threads with VPT vectors each, when it fits; wider
 // rows keep the cluster. Every geometry sums a row's squares in
 // the same order (device.cuh, cluster_reduce), so the choice never changes a
-// bit. G, the rows in flight, is set at launch.
+// bit. G, the rows in flight, is set at launch (plan_launch, which also
+// chooses among the geometries below).
 struct Geometry {
   int32_t C;    // blocks per row
   int32_t TR;   // threads per block
@@ -88,16 +89,39 @@ struct Geometry {
 };
 
 template <typename T>
-Geometry geometry_of(int64_t H, int64_t rows) {
+Geometry few_rows_geometry(int64_t H) {
   const int64_t HV = H / Pack<T>::V;
-  if (rows >= kManyRows && HV <= 2 * kMaxVpt * kManyRowsThreads) {
-    int64_t vpt = 1;
-    while (vpt * kManyRowsThreads < HV && vpt < kMaxVpt) vpt *= 2;
-    return {1, int32_t(round_up((HV + vpt - 1) / vpt, 32)), int32_t(vpt), 0};
-  }
   const int64_t C = std::min<int64_t>(kMaxCluster, std::max<int64_t>(1, (HV + 127) / 128));
   const int64_t TR = round_up((HV + C - 1) / C, 32);
   return {int32_t(C), int32_t(TR), 1, 0};
+}
+
+// The geometries a call of `rows` rows may take, in order of preference (the
+// shorter chain per row first): below kManyRows rows the few-rows geometry,
+// then the many-rows ones; from kManyRows the many-rows ones only. Many rows:
+// the fewest vectors per thread that give about kManyRowsThreads threads
+// (v), and v / 2 down to 2 where a row still fits in 2 * kManyRowsThreads
+// threads (more threads per row: its loads in fewer rounds, but fewer blocks
+// per SM). Rows wider than the many-rows geometry serves keep the few-rows one.
+struct Candidates {
+  Geometry g[4];
+  int n = 0;
+};
+
+template <typename T>
+Candidates candidate_geometries(int64_t H, int64_t rows) {
+  const int64_t HV = H / Pack<T>::V;
+  Candidates out;
+  const bool many = HV <= 2 * kMaxVpt * kManyRowsThreads;
+  if (rows < kManyRows || !many) out.g[out.n++] = few_rows_geometry<T>(H);
+  if (!many) return out;
+  int64_t v = 1;
+  while (v * kManyRowsThreads < HV && v < kMaxVpt) v *= 2;
+  for (int64_t vpt = v > 1 ? 2 : 1; vpt <= v; vpt *= 2) {
+    const int64_t TR = round_up((HV + vpt - 1) / vpt, 32);
+    if (TR <= 2 * kManyRowsThreads) out.g[out.n++] = {1, int32_t(TR), int32_t(vpt), 0};
+  }
+  return out;
 }
 
 // ---- this rank's wire ---------------------------------------------------------------
@@ -598,8 +622,7 @@ int device_sms(int device) {
   return sms;
 }
 
-// The launch of a call: geometry with G set, the kernel and its shared memory;
-// G = 0 when not even one cluster fits.
+// The launch of a call: geometry with G set, the kernel and its shared memory.
 template <typename T>
 struct Launch {
   Geometry g;
@@ -607,6 +630,13 @@ struct Launch {
   size_t smem;
 };
 
+// Of the candidate geometries, the one whose clusters walk the fewest rounds
+// of rows (ceil(M / G)), the earlier on a tie: a second round costs a whole
+// row's chain again. 1xH200 (docs/perf.md v9): a group of one at M = 128 takes
+// 2 vectors per thread (one block per SM, one round: 9.9 against 10.3 µs with
+// 4, NVFP4 10.8 against 13.2), at M = 192 4 vectors (two blocks per SM, still
+// one round: 12.8 against 16.2); 4 ranks sharing the GPU at M = 32 take many
+// rows (10.75 against 12.2 µs for two rounds of few-rows clusters).
 template <typename T>
 cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm algo, Launch<T>* l) {
   int device = 0;
@@ -615,17 +645,29 @@ cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm alg
   // This rank may fill group_sms of the device's SMs (fewer when ranks of the
   // group share the device).
   const int sms = std::max(1, device_sms(device));
-  l->g = geometry_of<T>(a.H, a.M);
-  l->smem = stage_bytes<T>(a, l->g);
   // A reduce-scatter is two-shot's first half whatever the algorithm asked.
-  l->kernel = kernel_for<T>(a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo, quant_of(a.cfg),
-                            l->g, x.group_sms < sms);
-  // Its share of the resident clusters.
-  const int64_t fit = int64_t(resident_clusters(reinterpret_cast<const void*>(l->kernel), l->g,
-                                                l->smem, device)) *
-                      std::min(sms, x.group_sms) / sms;
-  l->g.G = int32_t(std::min<int64_t>(std::min<int64_t>(a.M, fit), kMaxGrid / l->g.C));
-  return fit < 1 ? cudaErrorLaunchOutOfResources : cudaSuccess;
+  const Algorithm kernel_algo = a.cfg.has(kScatter) ? Algorithm::kTwoShot : algo;
+  const Candidates cands = candidate_geometries<T>(a.H, a.M);
+  int64_t best_rounds = 0;
+  for (int i = 0; i < cands.n; ++i) {
+    Launch<T> c;
+    c.g = cands.g[i];
+    c.smem = stage_bytes<T>(a, c.g);
+    c.kernel = kernel_for<T>(kernel_algo, quant_of(a.cfg), c.g, x.group_sms < sms);
+    // Its share of the resident clusters.
+    const int64_t fit = int64_t(resident_clusters(reinterpret_cast<const void*>(c.kernel), c.g,
+                                                  c.smem, device)) *
+                        std::min(sms, x.group_sms) / sms;
+    const int64_t in_flight = std::min<int64_t>(fit, kMaxGrid / c.g.C);
+    if (in_flight < 1) continue;
+    c.g.G = int32_t(std::min<int64_t>(a.M, in_flight));
+    const int64_t rounds = (std::max<int64_t>(a.M, 1) + in_flight - 1) / in_flight;
+    if (best_rounds == 0 || rounds < best_rounds) {
+      *l = c;
+      best_rounds = rounds;
+    }
+  }
+  return best_rounds == 0 ? cudaErrorLaunchOutOfResources : cudaSuccess;
 }
 
 template <typename T>
@@ -672,7 +714,8 @@ const char* capacity_problem(const LayerArgs& a, const ExchangeView& x, Algorith
   if (uint64_t(a.M) * row_bytes > x.slot_bytes)
     return "the call's rows exceed the workspace's exchange slots";
   if (algorithm == Algorithm::kTwoShot && !a.cfg.has(kScatter)) {
-    const int C = geometry_of<T>(a.H, a.M).C;
+    // The most flags a row may need: the few-rows geometry's cluster.
+    const int C = few_rows_geometry<T>(a.H).C;
     if (flags_bytes(a.M, C) + uint64_t(a.M) * row_bytes > x.gather_bytes)
       return "the call's rows exceed the workspace's gather area";
   }
