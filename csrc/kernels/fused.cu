@@ -48,9 +48,10 @@
 #ifndef MAR_KCHUNK
 #define MAR_KCHUNK 8
 #endif
-// Rows from which a call takes the many-rows geometry (a row per block, VPT
-// vectors per thread). Measured on 1xH200, docs/perf.md v7 (MAR_MANY_ROWS
-// moves it, for timing the two geometries side by side in the harness).
+// Rows from which a call takes a many-rows geometry (a row per block, VPT
+// vectors per thread; below, the few-rows one unless a many-rows one walks
+// fewer rounds of rows: plan_launch). Measured on 1xH200, docs/perf.md v7 and
+// v9 (MAR_MANY_ROWS moves it, for timing the geometries side by side).
 #ifndef MAR_MANY_ROWS
 #define MAR_MANY_ROWS 128
 #endif
