@@ -90,27 +90,31 @@ def test_reduce_scatter_rows_equal_allreduce(harness, ranks, quant, M):
 # (ranks, quant, H, M): the many-rows geometry with 4 vectors per thread (H = 7168), 2
 # (H = 4096), 448-thread blocks (H = 14336), the staged group quantizer (H = 3072, groups of
 # 48) and a row of one vector per thread either way (H = 2048).
+# The prefix call must take the few-rows geometry: with so few rows every candidate needs one
+# round, and the tie goes to few rows (plan_launch). At 100 rows many rows won (one round
+# against two) on 2 ranks, and the cases compared a geometry with itself.
+PREFIX = 8
 GEOMETRY_CASES = ([(1, q, 7168, 300) for q in QUANTS]
                   + [(2, "none", 4096, 257), (2, "nvfp4", 14336, 200), (1, "fp8_per_token", 2048, 400)])
 
 
 @pytest.mark.parametrize("ranks,quant,H,M", GEOMETRY_CASES, ids=lambda v: str(v))
 def test_rows_equal_in_every_geometry(harness, ranks, quant, H, M):
-    """A row's outputs do not depend on how many rows the call has: the first 100 rows of an
+    """A row's outputs do not depend on how many rows the call has: the first PREFIX rows of an
     M-row call (a row per block, several vectors per thread) equal, byte for byte, a call of
-    those 100 rows alone (a row per cluster, one vector per thread)."""
-    out = _run(harness, "--ranks", ranks, "--M", M, "--H", H, "--quant", quant, "--prefix", 100)
+    those rows alone (a row per cluster, one vector per thread)."""
+    out = _run(harness, "--ranks", ranks, "--M", M, "--H", H, "--quant", quant, "--prefix", PREFIX)
     _assert_two_geometries_agree(out)
 
 
 def test_rows_equal_in_every_geometry_staged_groups(harness):
     out = _run(harness, "--ranks", 2, "--M", 300, "--H", 3072, "--quant", "fp8_per_group",
-               "--group-size", 48, "--prefix", 100)
+               "--group-size", 48, "--prefix", PREFIX)
     _assert_two_geometries_agree(out)
 
 
 def _assert_two_geometries_agree(out):
-    m = re.search(r"PREFIX OK: 100 rows .*\(blocks of (\d+) threads, cluster (\d+), "
+    m = re.search(rf"PREFIX OK: {PREFIX} rows .*\(blocks of (\d+) threads, cluster (\d+), "
                   r"against (\d+) threads, cluster (\d+)\)", out)
     assert m, out[-4000:]
     few, many = m.group(1, 2), m.group(3, 4)
