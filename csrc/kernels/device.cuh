@@ -114,16 +114,23 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 // [c*TR*VPT + i*TR, +TR) (Place in fused.cu), so the row falls into groups of
 // 32 consecutive vectors, one per (block, i, warp). Each group's value is a
 // shuffle tree over its warp, stored by lane 0 into slot (c, i, warp) of EVERY
-// block of the cluster; after one barrier each thread folds the slots of its
-// own block in (c, i, warp) order, which is the order of the vectors. The
+// block of the cluster; once a block holds every slot, each of its threads
+// folds them in (c, i, warp) order, which is the order of the vectors. The
 // result therefore depends on the row width only, never on C, TR or VPT: a
 // row gives the same bits in every geometry (groups past the row's end hold
-// zeros, which change no sum). One barrier per reduction and only local
-// shared-memory reads. Reductions alternate between two sets of slots: a block
-// writes set i % 2 for its i-th reduction, which its peers have stopped
-// reading once it could pass the barrier of reduction i + 1, so no second
-// barrier is needed, and none before a block exits (after its last barrier
-// nobody touches another block's memory).
+// zeros, which change no sum). Only local shared-memory reads.
+// In a cluster the slots travel as asynchronous stores into the peers' shared
+// memory (st.async), each counted on the receiving block's transaction
+// barrier (mbarrier), which completes once all C x VPT x warps slots have
+// landed: a block waits for its own slots only, with no cluster-wide barrier
+// and no fence (the cluster barrier it replaces cost ~1,400 of ~8,700 cycles
+// at M = 1 on 1xH200, docs/perf.md v10). In one block: a block barrier.
+// Reductions alternate between two sets of slots, each with its barrier: a
+// block writes set n % 2 for its n-th reduction, which its peers have stopped
+// reading once it could complete reduction n + 1 (that needed every peer's
+// slots of n + 1, sent after the peer's fold of n), so no second barrier is
+// needed, and none before a block exits (a block waits for every slot it is
+// sent, so nobody writes to a block that may have left).
 struct Sum {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
@@ -136,17 +143,76 @@ constexpr int kReduceSlots = kMaxCluster * kMaxWarps;
 
 template <typename R>
 struct ReduceSlots {
+  uint64_t bar[2];  // set n's transaction barrier (clusters only)
   R v[2][kReduceSlots];
 };
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+// The address `local` of this block's shared memory in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_index() {  // blockIdx.x / cluster size
+  uint32_t r;
+  asm("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t rank_in_cluster() {  // blockIdx.x % cluster size
+  uint32_t r;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void barrier_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+// This block's one arrival on the barrier's current phase, which then also
+// waits for `bytes` of asynchronous stores.
+__device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ bool barrier_phase_done(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0u;
+}
+// Stores v at the cluster address `dst`, counted on the barrier at cluster address `bar`.
+__device__ __forceinline__ void store_counted(uint32_t dst, double v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];" ::"r"(dst),
+               "l"(__double_as_longlong(v)), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void store_counted(uint32_t dst, float v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(dst),
+               "r"(__float_as_uint(v)), "r"(bar)
+               : "memory");
+}
+
 // A block may write into another block's shared memory only once that block
-// has started: every thread arrives on the cluster barrier at entry
-// (ClusterEntry::arrive) and waits on it before its first remote store
+// has started and initialized its barriers: every thread arrives on the
+// cluster barrier at entry (ClusterEntry::arrive, after thread 0 initialized
+// the barriers of `slots`) and waits on it before its first remote store
 // (ClusterEntry::enter), which by then costs nothing.
 struct ClusterEntry {
   bool pending = false;
-  __device__ void arrive(int C) {
+  template <typename... Slots>
+  __device__ void arrive(int C, Slots&... slots) {
     if (C == 1) return;
+    if (threadIdx.x == 0) {
+      (barrier_init(&slots.bar[0]), ...);
+      (barrier_init(&slots.bar[1]), ...);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     pending = true;
   }
@@ -157,33 +223,38 @@ struct ClusterEntry {
   }
 };
 
+// `count`: the reductions this block did on these slots so far.
 template <int VPT, typename R, typename Op>
-__device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, uint32_t& parity,
+__device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, uint32_t& count,
                                             int C, Op op, ClusterEntry& entry) {
 #pragma unroll
   for (int i = 0; i < VPT; ++i)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
   const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, per_block = VPT * warps;
-  const uint32_t p = parity;
-  parity ^= 1u;
-  R* set = slots.v[p];
+  const uint32_t n = count++;
+  R* set = slots.v[n & 1u];
   if (C == 1) {
     if ((threadIdx.x & 31) == 0)
 #pragma unroll
       for (int i = 0; i < VPT; ++i) set[i * warps + warp] = v[i];
     __syncthreads();
   } else {
-    cg::cluster_group cluster = cg::this_cluster();
-    const int me = int(cluster.block_rank());
+    uint64_t* bar = &slots.bar[n & 1u];
+    if (threadIdx.x == 0) barrier_arrive_expect(bar, uint32_t(C * per_block) * uint32_t(sizeof(R)));
     entry.enter();
-    if ((threadIdx.x & 31) == 0)
+    if ((threadIdx.x & 31) == 0) {
+      const uint32_t mine = smem_addr(set + rank_in_cluster() * per_block + warp), lbar = smem_addr(bar);
       for (int c = 0; c < C; ++c) {
-        R* dst = cluster.map_shared_rank(set, unsigned(c)) + me * per_block;
+        const uint32_t dst = cluster_addr(mine, uint32_t(c)), cbar = cluster_addr(lbar, uint32_t(c));
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) dst[i * warps + warp] = v[i];
+        for (int i = 0; i < VPT; ++i) store_counted(dst + uint32_t(i * warps) * uint32_t(sizeof(R)), v[i], cbar);
       }
-    cluster.sync();
+    }
+    // Every block of the cluster runs the same rows and reductions, so the
+    // slots always come (a wait here ends like the cluster barrier it replaces).
+    while (!barrier_phase_done(bar, (n >> 1) & 1u)) {
+    }
   }
   R t = set[0];
   for (int j = 1; j < C * per_block; ++j) t = op(t, set[j]);

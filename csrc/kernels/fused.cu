@@ -264,10 +264,10 @@ template <typename T, int VPT>
 __device__ __forceinline__ Place<VPT> place_of(const LayerArgs& a, const Geometry& g) {
   Place<VPT> p;
   p.C = uint32_t(g.C);
-  p.cluster = blockIdx.x / p.C;
+  p.cluster = cluster_index();
   p.M = uint32_t(a.M);
   p.G = uint32_t(g.G);
-  p.vs.v0 = (blockIdx.x % p.C) * uint32_t(g.TR * VPT) + threadIdx.x;
+  p.vs.v0 = rank_in_cluster() * uint32_t(g.TR * VPT) + threadIdx.x;
   p.vs.stride = uint32_t(g.TR);
   p.vs.HV = uint32_t(a.H) / Pack<T>::V;
   return p;
@@ -331,11 +331,11 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
-  ts.entry.arrive(int(p.C));
+  ts.entry.arrive(int(p.C), sh.sum, sh.max);
   // A block waits for peers only in reduce_row: none in a group of one, or
   // without rows; otherwise its last row's reduce_row is its last wait.
   if (x.nranks == 1 || p.cluster >= p.M) let_successor_launch();
-  zero_swizzle_padding_rows(a, p.M);
+  if constexpr (Q == QuantKind::kNvFp4) zero_swizzle_padding_rows(a, p.M);
   // Loads row `row`'s residual and this rank's wire of it, which it pushes to
   // every peer. With several vectors per thread, 16 row loads in flight (8 in
   // two-shot, whose kernel has no registers to spare for them): measured
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a);
-  ts.entry.arrive(int(p.C));
+  ts.entry.arrive(int(p.C), sh.sum, sh.max);
   // Waits are spread over phases 2 and 3: the successor may launch once this
   // block is past them all (at once in a group of one).
   if (x.nranks == 1) let_successor_launch();
@@ -422,9 +422,9 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const bool scatter = a.cfg.has(kScatter);
   const uint32_t lo = min(uint32_t(x.rank) * chunk, p.M);
   const uint32_t first_out = scatter ? lo : 0u, rows_out = scatter ? min(chunk, p.M - lo) : p.M;
-  zero_swizzle_padding_rows(a, rows_out);
+  if constexpr (Q == QuantKind::kNvFp4) zero_swizzle_padding_rows(a, rows_out);
   const uint64_t fbytes = flags_bytes(p.M, int(p.C));
-  const uint32_t slice_id = blockIdx.x % p.C;
+  const uint32_t slice_id = rank_in_cluster();
   const uint32_t slice = slice_elems(g, Pack<T>::V);
   auto flag_at = [&](int r, uint32_t m) {
     return reinterpret_cast<uint32_t*>(x.gathers[r]) + (uint64_t(m) * p.C + slice_id);

@@ -42,7 +42,7 @@ struct TailShared {
 // what is constant over the call.
 struct TailState {
   ClusterEntry entry;  // armed at kernel entry: see ClusterEntry
-  uint32_t parity_d = 0, parity_f = 0;
+  uint32_t reduced_d = 0, reduced_f = 0;  // reductions done on sh.sum, sh.max (cluster_reduce)
   float static_inv = 0.0f;  // FP8 static: 1 / scale
   int lanes = 0;            // lanes per scale group (quantize_lanes), 0: staged
 };
@@ -182,7 +182,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_sq[i] = add_square(sum_sq[i], f[j]);
   }
-  const double total = cluster_reduce<VPT>(sum_sq, sh.sum, ts.parity_d, C, Sum{}, ts.entry);
+  const double total = cluster_reduce<VPT>(sum_sq, sh.sum, ts.reduced_d, C, Sum{}, ts.entry);
   const float inv = rms_inv(total, H, c.eps);
   // q = f32(norm_out) of vector i (an active one); returns its amax.
   auto normed = [&](int i, float (&q)[V]) {
@@ -263,7 +263,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
     }
   }
   if (per_token) {
-    const float s = fp8_scale(cluster_reduce<VPT>(row_amax, sh.max, ts.parity_f, C, NanMax{}, ts.entry));
+    const float s = fp8_scale(cluster_reduce<VPT>(row_amax, sh.max, ts.reduced_f, C, NanMax{}, ts.entry));
     if (threadIdx.x == 0 && (C == 1 || cg::this_cluster().block_rank() == 0))
       static_cast<float*>(a.scale_out)[at.m] = s;
     const float inv_s = div_rn(1.0f, s);
