@@ -44,8 +44,10 @@ def citations(text: str, every_line: bool = False) -> list[tuple[int, str]]:
 def source_files():
     for top, dirs, files in os.walk(ROOT):
         here = Path(top)
+        # Hidden folders other than .ci hold tool state or a developer's scratch copies
+        # (old trees would fail the scan), never the repository's own sources.
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
-                         and here / d not in SKIP_PATHS)
+                         and here / d not in SKIP_PATHS and (d == ".ci" or not d.startswith(".")))
         for name in sorted(files):
             path = here / name
             if path.suffix in SOURCE_SUFFIXES or name == "CMakeLists.txt":
