@@ -20,9 +20,9 @@ template <typename IntP> MAR_HD bool valid_expert_row(int32_t p, IntP P) { retur
 // are all fetched before the first is accumulated, so on a GPU their loads are
 // in flight together (the rounding order is still k order).
 // load_row(p) returns row p's raw data for these columns (any copyable type);
-// unpack(raw, x) fills x[0..V) with its float32 values; weights(k0, ok, w)
-// fills w[i] with the router weight of slot k0 + i as float32 where ok[i]
-// (load_weights below).
+// unpack(raw, x) fills x[0..V) with its float32 values; weights(k0, in, w)
+// fills w[i] with the router weight of slot k0 + i as float32 where in[i]
+// (the slot exists: k0 + i < K; load_weights below).
 template <int V, int kChunk = 8, typename IntP, typename Weights, typename LoadRow,
           typename Unpack>
 MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, IntP P,
@@ -31,15 +31,19 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, Int
   MAR_UNROLL
   for (int j = 0; j < V; ++j) acc[j] = 0.0f;
   for (int k0 = 0; k0 < K; k0 += kChunk) {
-    bool ok[kChunk];
+    bool in[kChunk], ok[kChunk];
     int32_t p[kChunk];
     MAR_UNROLL
     for (int i = 0; i < kChunk; ++i) {
-      p[i] = k0 + i < K ? idx_row[k0 + i] : -1;
-      ok[i] = valid_expert_row(p[i], P);
+      in[i] = k0 + i < K;
+      p[i] = in[i] ? idx_row[k0 + i] : -1;
     }
+    // The weights do not depend on the indices (a skipped slot's weight is
+    // read and unused), so on a GPU their loads go out with the indices'.
     float w[kChunk];
-    weights(k0, ok, w);
+    weights(k0, in, w);
+    MAR_UNROLL
+    for (int i = 0; i < kChunk; ++i) ok[i] = valid_expert_row(p[i], P);
     Raw raw[kChunk];
     MAR_UNROLL
     for (int i = 0; i < kChunk; ++i) raw[i] = ok[i] ? load_row(p[i]) : Raw{};
@@ -54,11 +58,11 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, Int
   }
 }
 
-// Router weights of one token's slots k0 .. k0+kChunk where ok[i]: `scales`
+// Router weights of one token's slots k0 .. k0+kChunk where in[i]: `scales`
 // is the [M, K] array of dtype dt (nullptr: every weight is 1) and `first`
 // the element index of slot k0. One dtype branch per chunk, not per slot.
 template <int kChunk, typename Index>
-MAR_HD void load_weights(const void* scales, DType dt, Index first, const bool (&ok)[kChunk],
+MAR_HD void load_weights(const void* scales, DType dt, Index first, const bool (&in)[kChunk],
                          float (&w)[kChunk]) {
   MAR_UNROLL
   for (int i = 0; i < kChunk; ++i) w[i] = 1.0f;
@@ -67,27 +71,30 @@ MAR_HD void load_weights(const void* scales, DType dt, Index first, const bool (
     case DType::kBF16:
       MAR_UNROLL
       for (int i = 0; i < kChunk; ++i)
-        if (ok[i]) w[i] = to_f32(static_cast<const bf16_t*>(scales)[first + i]);
+        if (in[i]) w[i] = to_f32(static_cast<const bf16_t*>(scales)[first + i]);
       break;
     case DType::kF16:
       MAR_UNROLL
       for (int i = 0; i < kChunk; ++i)
-        if (ok[i]) w[i] = to_f32(static_cast<const f16_t*>(scales)[first + i]);
+        if (in[i]) w[i] = to_f32(static_cast<const f16_t*>(scales)[first + i]);
       break;
     default:
       MAR_UNROLL
       for (int i = 0; i < kChunk; ++i)
-        if (ok[i]) w[i] = static_cast<const float*>(scales)[first + i];
+        if (in[i]) w[i] = static_cast<const float*>(scales)[first + i];
   }
 }
 
+// `shared` is read only when has_shared (an array and a flag, not a nullable
+// pointer: a pointer to a register array sends it through local memory on the
+// device).
 template <int V>
 MAR_HD void finalize_scale_and_shared(float (&acc)[V], float routed_scaling_factor,
-                                      const float* shared /* V values or nullptr */) {
+                                      const float (&shared)[V], bool has_shared) {
   MAR_UNROLL
   for (int j = 0; j < V; ++j) {
     acc[j] = mul_rn(acc[j], routed_scaling_factor);
-    if (shared != nullptr) acc[j] = add_rn(acc[j], shared[j]);
+    if (has_shared) acc[j] = add_rn(acc[j], shared[j]);
   }
 }
 

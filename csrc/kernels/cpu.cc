@@ -48,17 +48,17 @@ void cpu_finalize(const LayerArgs& a) {
   T* wire = static_cast<T*>(a.wire);
   for (int64_t m = 0; m < a.M; ++m) {
     const int32_t* idx_row = a.idx + m * a.K;
-    auto weights = [&](int k0, const bool (&ok)[8], float (&w)[8]) {
-      load_weights<8>(a.scales, a.scales_dtype, m * a.K + k0, ok, w);
+    auto weights = [&](int k0, const bool (&in)[8], float (&w)[8]) {
+      load_weights<8>(a.scales, a.scales_dtype, m * a.K + k0, in, w);
     };
     for (int64_t h = 0; h < a.H; ++h) {
       float acc[1];
       finalize_columns<1>(
           acc, idx_row, int(a.K), a.P, weights, [&](int32_t p) { return x[p * a.H + h]; },
           [](T raw, float (&v)[1]) { v[0] = to_f32(raw); });
-      float sh[1];
+      float sh[1] = {0.0f};
       if (shared) sh[0] = to_f32(shared[m * a.H + h]);
-      finalize_scale_and_shared<1>(acc, a.cfg.routed_scaling_factor, shared ? sh : nullptr);
+      finalize_scale_and_shared<1>(acc, a.cfg.routed_scaling_factor, sh, shared != nullptr);
       wire[m * a.H + h] = from_f32<T>(acc[0]);
     }
   }

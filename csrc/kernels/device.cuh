@@ -12,6 +12,10 @@
 #include "../common/numerics.h"
 #include "fused.h"  // LayerArgs, ExchangeView
 
+#ifndef MAR_X_IDXPF
+#define MAR_X_IDXPF 1
+#endif
+
 namespace mar {
 namespace dev {
 
@@ -241,8 +245,11 @@ __device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, 
     __syncthreads();
   } else {
     uint64_t* bar = &slots.bar[n & 1u];
-    if (threadIdx.x == 0) barrier_arrive_expect(bar, uint32_t(C * per_block) * uint32_t(sizeof(R)));
+    // After the entry barrier, so that thread 0's first arrival is ordered after
+    // the barriers' initialization by a barrier too (racecheck warned without
+    // it, docs/perf.md v10 §3).
     entry.enter();
+    if (threadIdx.x == 0) barrier_arrive_expect(bar, uint32_t(C * per_block) * uint32_t(sizeof(R)));
     if ((threadIdx.x & 31) == 0) {
       const uint32_t mine = smem_addr(set + rank_in_cluster() * per_block + warp), lbar = smem_addr(bar);
       for (int c = 0; c < C; ++c) {
@@ -283,6 +290,19 @@ __device__ __forceinline__ void wait_for_predecessor() {
 // those slots can never keep a peer's grid, on a shared GPU, from starting.
 __device__ __forceinline__ void let_successor_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Reads one word of every 32 bytes of a kernel parameter, so that its
+// constant-cache lines are fetched now (start_call in fused.cu). The words
+// are combined into a store to `sink` (shared memory), so that the reads can be
+// neither dropped nor moved past the wait that follows.
+template <typename P>
+__device__ __forceinline__ void warm_constants(const P& param, uint32_t* sink) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(&param);
+  uint32_t acc = 0;
+#pragma unroll
+  for (int i = 0; i < int(sizeof(P) / 4); i += 8) acc ^= w[i];
+  *reinterpret_cast<volatile uint32_t*>(sink) = acc;
 }
 
 // ---- per-call state ------------------------------------------------------------

@@ -163,8 +163,8 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
   float acc[VPT * V];
   finalize_columns<VPT * V, kChunk>(
       acc, a.idx + m * K, int(K), int32_t(a.P),
-      [&](int k0, const bool (&ok)[kChunk], float (&wt)[kChunk]) {
-        load_weights<kChunk>(a.scales, a.scales_dtype, m * K + uint32_t(k0), ok, wt);
+      [&](int k0, const bool (&in)[kChunk], float (&wt)[kChunk]) {
+        load_weights<kChunk>(a.scales, a.scales_dtype, m * K + uint32_t(k0), in, wt);
       },
       [&](int32_t p) {
         Raw raw;
@@ -189,8 +189,8 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] = acc[i * V + j];
     const bool shared = a.shared != nullptr && vs.active(i);
-    if (shared) PK::unpack(kSharedEarly ? shared_early : load_shared(i), sh);
-    finalize_scale_and_shared<V>(y, a.cfg.routed_scaling_factor, shared ? sh : nullptr);
+    PK::unpack(shared ? (kSharedEarly ? shared_early : load_shared(i)) : make_uint4(0u, 0u, 0u, 0u), sh);
+    finalize_scale_and_shared<V>(y, a.cfg.routed_scaling_factor, sh, shared);
     w[i] = avoid_sentinel<sizeof(T)>(PK::pack(y));
   }
 }
@@ -279,8 +279,9 @@ __device__ __forceinline__ uint32_t slice_elems(const Geometry& g, int V) {
 }
 
 template <typename T>
-__device__ __forceinline__ TailState tail_state(const LayerArgs& a) {
+__device__ __forceinline__ TailState tail_state(const LayerArgs& a, const ClusterEntry& entry) {
   TailState ts;
+  ts.entry = entry;
   const OpConfig& c = a.cfg;
   if (c.quantizes()) {
     ts.lanes = quantize_lanes<T>(c);
@@ -317,6 +318,23 @@ __device__ __forceinline__ void reduce_row(const ExchangeView& x, const CallStat
   }
 }
 
+// A call's start, up to the wait for its predecessor: what reads no global
+// memory. The entry barrier's arrival (thread 0 initializes the reduction
+// barriers), and the parameters' constant-cache lines, which the first loads
+// after the wait would otherwise fetch one after another (with the kernel
+// launched early, programmatic dependent launch, this runs while the
+// predecessor finishes: a group of one at M = 1, 4.13 -> 3.74 µs on 1xH200,
+// docs/perf.md v11).
+__device__ __forceinline__ ClusterEntry start_call(const LayerArgs& a, const ExchangeView& x, int C,
+                                                  TailShared& sh) {
+  ClusterEntry entry;
+  entry.arrive(C, sh.sum, sh.max);
+  warm_constants(a, &sh.sink);
+  warm_constants(x, &sh.sink);
+  wait_for_predecessor();
+  return entry;
+}
+
 // ---- one-shot ---------------------------------------------------------------------------
 template <typename T, int kMaxTR, int kMinBlocks, int VPT, QuantKind Q>
 __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
@@ -327,11 +345,15 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   __shared__ uint64_t trace_words[8];
   T* stage = reinterpret_cast<T*>(stage_raw);
   const Place<VPT> p = place_of<T, VPT>(a, g);
-  wait_for_predecessor();
+  const ClusterEntry entry = start_call(a, x, int(p.C), sh);
+#if MAR_X_IDXPF
+  // The first row's indices head the chain (indices, then expert rows): their
+  // fetch starts now, before the prologue below.
+  if (p.cluster < p.M && !a.cfg.has(kDense) && a.K > 0) prefetch_l1(a.idx + p.cluster * uint32_t(a.K));
+#endif
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  TailState ts = tail_state<T>(a);
-  ts.entry.arrive(int(p.C), sh.sum, sh.max);
+  TailState ts = tail_state<T>(a, entry);
   // A block waits for peers only in reduce_row: none in a group of one, or
   // without rows; otherwise its last row's reduce_row is its last wait.
   if (x.nranks == 1 || p.cluster >= p.M) let_successor_launch();
@@ -407,11 +429,10 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   T* stage = reinterpret_cast<T*>(stage_raw);
   const Place<VPT> p = place_of<T, VPT>(a, g);
   const Vectors<VPT>& vs = p.vs;
-  wait_for_predecessor();
+  const ClusterEntry entry = start_call(a, x, int(p.C), sh);
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  TailState ts = tail_state<T>(a);
-  ts.entry.arrive(int(p.C), sh.sum, sh.max);
+  TailState ts = tail_state<T>(a, entry);
   // Waits are spread over phases 2 and 3: the successor may launch once this
   // block is past them all (at once in a group of one).
   if (x.nranks == 1) let_successor_launch();

@@ -36,6 +36,7 @@ struct TailPlace {
 struct TailShared {
   ReduceSlots<double> sum;
   ReduceSlots<float> max;
+  uint32_t sink;  // warm_constants' store
 };
 
 // Per-thread state carried from row to row (parities of the cluster slots) and
