@@ -23,17 +23,22 @@ pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def _build(tmp_path_factory, name, cuda_flags=""):
     """The CMake target `harness`, built by scripts/harness/build.sh into a temporary
-    directory (the same build the timing scripts use)."""
+    directory (the same build the timing scripts use), with extra nvcc flags."""
     if shutil.which("nvcc") is None or shutil.which("cmake") is None:
         pytest.skip("needs nvcc and cmake to build the harness")
-    build = str(tmp_path_factory.mktemp("harness") / "build")
+    build = str(tmp_path_factory.mktemp(name) / "build")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "harness", "build.sh"), build],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, HARNESS_CUDA_FLAGS=cuda_flags))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return _build(tmp_path_factory, "harness")
 
 
 QUANTS = ("none", "fp8_static", "fp8_per_token", "fp8_per_group", "nvfp4")
@@ -119,3 +124,37 @@ def _assert_two_geometries_agree(out):
     assert m, out[-4000:]
     few, many = m.group(1, 2), m.group(3, 4)
     assert few != many, f"both calls ran one geometry {few}: the case tests nothing"
+
+
+# Chained calls (harness --chain): each call reads as its residual the residual_out its
+# predecessor wrote, the calls in one CUDA graph per rank, where launches follow each other
+# closest. Each kernel may start while its predecessor runs (programmatic dependent launch)
+# and must wait for it before reading; JAX's own chained-calls test (test_gpu_protocol.py)
+# did not catch a build without that wait (docs/perf.md v10 §5), this does (below).
+CHAIN = 16
+CHAIN_CASES = [(1, "none", 1), (1, "nvfp4", 1), (1, "fp8_per_token", 300), (2, "none", 1),
+               (2, "fp8_per_group", 129), (4, "none", 1), (4, "nvfp4", 300)]
+
+
+@pytest.mark.parametrize("ranks,quant,M", CHAIN_CASES, ids=lambda v: str(v))
+def test_chained_calls_in_a_graph(harness, ranks, quant, M):
+    H = 7168 if M <= 129 else 2048
+    out = _run(harness, "--ranks", ranks, "--M", M, "--H", H, "--quant", quant, "--chain", CHAIN)
+    assert f"CHAIN OK: {CHAIN} calls" in out, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def harness_without_wait(tmp_path_factory):
+    """Kernels built without the wait for their predecessor (-DMAR_SKIP_PREDECESSOR_WAIT)."""
+    return _build(tmp_path_factory, "harness_without_wait", "-DMAR_SKIP_PREDECESSOR_WAIT")
+
+
+def test_chain_check_catches_a_kernel_that_reads_early(harness_without_wait):
+    """The check above can fail: kernels that do not wait for their predecessor read a
+    residual not yet written, and the chain ends elsewhere than the CPU path's. A group of
+    one, which lets its successor start at once and has no peer to wait for."""
+    proc = subprocess.run([harness_without_wait, "--ranks", "1", "--virtual", "1", "--M", "1",
+                           "--chain", "64", "--warmup", "1", "--iters", "3", "--graph", "0",
+                           "--timeout", "5"], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "CHAIN FAIL" in out, out[-4000:]

@@ -280,8 +280,12 @@ __device__ __forceinline__ float lanes_nan_max(float v, int n) {
 // latency then hides behind the predecessor's end. Before its first global
 // access a kernel waits for the predecessor to complete and its writes to be
 // visible (griddepcontrol.wait; a no-op when launched the ordinary way).
+// (-DMAR_SKIP_PREDECESSOR_WAIT removes the wait: a test build only, which shows
+// that the harness's --chain check catches a kernel that reads early.)
 __device__ __forceinline__ void wait_for_predecessor() {
+#ifndef MAR_SKIP_PREDECESSOR_WAIT
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 // Lets the next kernel on the stream be scheduled once every block of this one
 // has called it (or exited). That kernel still waits for this one to complete

@@ -24,6 +24,9 @@
 //                requires its outputs to equal those rows of the M-row call,
 //                byte for byte: with P below the many-rows switch and M above
 //                it, the two geometries of fused.cu must agree.
+//   --chain C    then runs C calls in one graph, each reading the residual its
+//                predecessor wrote, and requires the last call's outputs to
+//                equal the CPU path's run of the same chain (chain.h).
 // Exit status 1 when a check fails or a kernel reports a failure.
 //
 // Build: scripts/harness/build.sh (the CMake target `harness`). Examples:
@@ -39,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "chain.h"
 #include "floors.cuh"
 #include "inputs.h"
 #include "kernels/fused.h"
@@ -57,7 +61,7 @@ void usage() {
                "fp8_per_group|nvfp4] [--group-size g]\n"
                "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n"
                "        [--timeout seconds (bound of every wait, default 10)] [--scatter 0|1]\n"
-               "        [--prefix rows]\n");
+               "        [--prefix rows] [--chain calls]\n");
   std::exit(2);
 }
 
@@ -84,12 +88,13 @@ Options parse(int argc, char** argv) {
     else if (k == "--timeout") o.timeout_s = std::atof(v);
     else if (k == "--scatter") o.scatter = std::atoi(v) != 0;
     else if (k == "--prefix") o.prefix = std::atoi(v);
+    else if (k == "--chain") o.chain = std::atoi(v);
     else usage();
   }
   if (o.ranks < 1 || o.ranks > int(mar::kMaxRanks) || o.M < 1 || o.H % 16 != 0 || o.K < 1 ||
       o.iters < 1 || o.group_size < 1 || o.H % o.group_size != 0 ||
       (o.scatter && (o.M % o.ranks != 0 || o.check)) || o.prefix < 0 || o.prefix > o.M ||
-      (o.prefix && o.scatter))
+      (o.prefix && o.scatter) || o.chain < 0 || (o.chain && o.scatter))
     usage();
   output_bytes(o);  // refuses an unknown --quant
   return o;
@@ -422,6 +427,33 @@ int main(int argc, char** argv) {
     const bool same = verify_rank(want, cpu_outputs(o, ins), o, names[0].c_str());
     if (same) std::printf("VERIFY OK: rank 0's outputs against the CPU path\n");
     ok = ok && same;
+  }
+  if (o.chain > 0) {
+    const auto launch = [&](size_t r, const mar::LayerArgs& a) {
+      check(mar::launch_fused(mar::DType::kBF16, a, *views[r], algos[0], rk.streams[r]), "launch");
+    };
+    const auto capture = [&](size_t r, const std::function<void()>& body) {
+      cudaGraph_t g;
+      cudaGraphExec_t exec;
+      check(cudaStreamBeginCapture(rk.streams[r], cudaStreamCaptureModeRelaxed), "capture");
+      body();
+      check(cudaStreamEndCapture(rk.streams[r], &g), "end capture");
+      check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+      check(cudaGraphDestroy(g), "graph destroy");
+      check(cudaGraphLaunch(exec, rk.streams[r]), "graph launch");
+      check(cudaGraphExecDestroy(exec), "exec destroy");  // freed once the launch completes
+    };
+    const auto sync = [&] {
+      for (size_t r = 0; r < rk.devs.size(); ++r) {
+        rk.set(r);
+        check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+      }
+    };
+    ok = chain_matches_cpu(o, ins, launch, capture, [&](size_t r) { rk.set(r); }, sync) && ok;
+    for (const auto& e : mar::runtime::take_errors()) {
+      std::fprintf(stderr, "kernel failure: %s\n", e.c_str());
+      ok = false;
+    }
   }
   mar::runtime::destroy_all();
   return ok ? 0 : 1;

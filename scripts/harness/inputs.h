@@ -22,6 +22,7 @@ struct Options {
   bool virtual_ranks = false, check = false, verify = false, floors = false, graph = true;
   bool scatter = false;  // time the reduce-scatter variant; check it against the all-reduce
   int prefix = 0;        // > 0: check the first `prefix` rows against a call of only those rows
+  int chain = 0;         // > 0: check a graph of `chain` calls, each on its predecessor's residual_out
   double timeout_s = 10.0;
   std::string algo = "oneshot", quant = "none";
 };
