@@ -15,6 +15,9 @@
 #ifndef MAR_X_IDXPF
 #define MAR_X_IDXPF 1
 #endif
+#ifndef MAR_X_RS
+#define MAR_X_RS 0
+#endif
 
 namespace mar {
 namespace dev {

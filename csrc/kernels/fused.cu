@@ -215,6 +215,39 @@ __device__ __forceinline__ void rank_sum(const ExchangeView& x, const CallState&
                                          uint64_t offset, uint4 own, float (&y)[Pack<T>::V]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
+#if MAR_X_RS
+  const int n = x.nranks, me = x.rank;
+  const uint64_t stride = x.slot_bytes;
+  const bool live = !st.poisoned;
+  // Slot s0 of this rank's current buffer (only a peer's slot is ever read).
+  char* slot = x.areas[me] + st.slot0 * stride + offset;
+  for (int s0 = 0; s0 < n; s0 += 4, slot += 4 * stride) {
+    const int here = min(4, n - s0);  // ranks of this batch
+    uint4 d[4];  // the peers' first reads (this rank's entry is unused)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (i < here && s0 + i != me) d[i] = live ? ld_relaxed_sys(slot + i * stride) : kSentinel4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (i >= here) break;
+      const int s = s0 + i;
+      uint4 dv = own;
+      if (s != me) {
+        dv = d[i];
+        if (live) {
+          char* p = slot + i * stride;
+          dv = wait_slot<sizeof(T)>(dv, p, x, st, s);
+          st_relaxed_sys(p, kSentinel4);
+        }
+      }
+      float f[V];
+      PK::unpack(dv, f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) y[j] = s == 0 ? f[j] : rank_sum_step(y[j], f[j]);
+    }
+  }
+  return;
+#endif
   char* mine = x.areas[x.rank] + st.slot0 * x.slot_bytes + offset;
   for (int s0 = 0; s0 < x.nranks; s0 += 4) {
     uint4 d[4];
