@@ -12,13 +12,6 @@
 #include "../common/numerics.h"
 #include "fused.h"  // LayerArgs, ExchangeView
 
-#ifndef MAR_X_IDXPF
-#define MAR_X_IDXPF 1
-#endif
-#ifndef MAR_X_RS
-#define MAR_X_RS 0
-#endif
-
 namespace mar {
 namespace dev {
 
@@ -300,11 +293,13 @@ __device__ __forceinline__ void let_successor_launch() {
 }
 
 // Reads one word of every 32 bytes of a kernel parameter, so that its
-// constant-cache lines are fetched now (start_call in fused.cu). The words
-// are combined into a store to `sink` (shared memory), so that the reads can be
-// neither dropped nor moved past the wait that follows.
+// constant-cache lines (one cache per SM) are fetched now (start_call in
+// fused.cu). Thread 0 combines the words into a store to `sink` (shared
+// memory), so that the reads can be neither dropped nor moved past the wait
+// that follows; one thread's reads warm the cache for the whole block.
 template <typename P>
 __device__ __forceinline__ void warm_constants(const P& param, uint32_t* sink) {
+  if (threadIdx.x != 0) return;
   const uint32_t* w = reinterpret_cast<const uint32_t*>(&param);
   uint32_t acc = 0;
 #pragma unroll

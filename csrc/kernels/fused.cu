@@ -76,7 +76,8 @@ using namespace dev;
 
 // Blocks per row (a cluster), threads per block and vectors per thread.
 // Few rows: about 128 vectors per block, one per thread, so a row spreads over
-// up to kMaxCluster SMs. Many rows: the row in one block of up to
+// up to kMaxCluster SMs (4 or 5 blocks of a 7168-wide row instead of 7 were
+// slower at M = 1, 1xH200, docs/perf.md v11). Many rows: the row in one block of up to
 // 2 * kManyRowsThreads threads with VPT vectors each, when it fits; wider
 // rows keep the cluster. Every geometry sums a row's squares in
 // the same order (device.cuh, cluster_reduce), so the choice never changes a
@@ -89,16 +90,10 @@ struct Geometry {
   int32_t G;    // clusters in the grid
 };
 
-// Vectors of a row per block in the few-rows geometry (MAR_FEW_ROWS_VECTORS
-// moves it, for timing cluster sizes side by side: at H = 7168 in bf16, 128
-// gives 7 blocks of 128 threads, 256 gives 4 of 224, 112 gives 8 of 128).
-#ifndef MAR_FEW_ROWS_VECTORS
-#define MAR_FEW_ROWS_VECTORS 128
-#endif
 template <typename T>
 Geometry few_rows_geometry(int64_t H) {
-  const int64_t HV = H / Pack<T>::V, per_block = MAR_FEW_ROWS_VECTORS;
-  const int64_t C = std::min<int64_t>(kMaxCluster, std::max<int64_t>(1, (HV + per_block - 1) / per_block));
+  const int64_t HV = H / Pack<T>::V;
+  const int64_t C = std::min<int64_t>(kMaxCluster, std::max<int64_t>(1, (HV + 127) / 128));
   const int64_t TR = round_up((HV + C - 1) / C, 32);
   return {int32_t(C), int32_t(TR), 1, 0};
 }
@@ -221,39 +216,6 @@ __device__ __forceinline__ void rank_sum(const ExchangeView& x, const CallState&
                                          uint64_t offset, uint4 own, float (&y)[Pack<T>::V]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-#if MAR_X_RS
-  const int n = x.nranks, me = x.rank;
-  const uint64_t stride = x.slot_bytes;
-  const bool live = !st.poisoned;
-  // Slot s0 of this rank's current buffer (only a peer's slot is ever read).
-  char* slot = x.areas[me] + st.slot0 * stride + offset;
-  for (int s0 = 0; s0 < n; s0 += 4, slot += 4 * stride) {
-    const int here = min(4, n - s0);  // ranks of this batch
-    uint4 d[4];  // the peers' first reads (this rank's entry is unused)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (i < here && s0 + i != me) d[i] = live ? ld_relaxed_sys(slot + i * stride) : kSentinel4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (i >= here) break;
-      const int s = s0 + i;
-      uint4 dv = own;
-      if (s != me) {
-        dv = d[i];
-        if (live) {
-          char* p = slot + i * stride;
-          dv = wait_slot<sizeof(T)>(dv, p, x, st, s);
-          st_relaxed_sys(p, kSentinel4);
-        }
-      }
-      float f[V];
-      PK::unpack(dv, f);
-#pragma unroll
-      for (int j = 0; j < V; ++j) y[j] = s == 0 ? f[j] : rank_sum_step(y[j], f[j]);
-    }
-  }
-  return;
-#endif
   char* mine = x.areas[x.rank] + st.slot0 * x.slot_bytes + offset;
   for (int s0 = 0; s0 < x.nranks; s0 += 4) {
     uint4 d[4];
@@ -385,11 +347,6 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   T* stage = reinterpret_cast<T*>(stage_raw);
   const Place<VPT> p = place_of<T, VPT>(a, g);
   const ClusterEntry entry = start_call(a, x, int(p.C), sh);
-#if MAR_X_IDXPF
-  // The first row's indices head the chain (indices, then expert rows): their
-  // fetch starts now, before the prologue below.
-  if (p.cluster < p.M && !a.cfg.has(kDense) && a.K > 0) prefetch_l1(a.idx + p.cluster * uint32_t(a.K));
-#endif
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
   TailState ts = tail_state<T>(a, entry);

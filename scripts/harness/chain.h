@@ -17,13 +17,14 @@
 
 namespace harness {
 
-// launch(r, a) launches call `a` on rank r's stream (during a capture);
-// capture(r, body) runs body between the begin and end of a capture on rank
-// r's stream, then launches the graph; sync() waits for every rank.
-inline bool chain_matches_cpu(const Options& o, const std::vector<RankInputs>& ins,
-                              const std::function<void(size_t, const mar::LayerArgs&)>& launch,
-                              const std::function<void(size_t, const std::function<void()>&)>& capture,
-                              const std::function<void(size_t)>& set, const std::function<void()>& sync) {
+// run_graphs(calls) captures calls[r] into one graph on rank r's stream for
+// every rank, then launches all the graphs and waits for them (every buffer is
+// allocated before: an allocation could wait for a rank whose graph waits for
+// a peer not yet launched).
+inline bool chain_matches_cpu(
+    const Options& o, const std::vector<RankInputs>& ins,
+    const std::function<void(const std::vector<std::vector<mar::LayerArgs>>&)>& run_graphs,
+    const std::function<void(size_t)>& set) {
   const size_t bytes = size_t(o.M) * size_t(o.H) * 2;
   std::vector<std::vector<mar::LayerArgs>> calls(ins.size());  // [rank][call]
   for (size_t r = 0; r < ins.size(); ++r) {
@@ -36,11 +37,12 @@ inline bool chain_matches_cpu(const Options& o, const std::vector<RankInputs>& i
       a.residual_out = buf[(k + 1) % 2];
       calls[r].push_back(a);
     }
-    capture(r, [&, r] {
-      for (const mar::LayerArgs& a : calls[r]) launch(r, a);
-    });
   }
-  sync();
+  for (size_t r = 0; r < ins.size(); ++r) {  // every upload done
+    set(r);
+    check(cudaDeviceSynchronize(), "synchronize");
+  }
+  run_graphs(calls);
   // The CPU path's chain: each call's residual_out is the next call's residual.
   std::vector<RankInputs> host = ins;
   std::vector<uint8_t> want;

@@ -429,27 +429,29 @@ int main(int argc, char** argv) {
     ok = ok && same;
   }
   if (o.chain > 0) {
-    const auto launch = [&](size_t r, const mar::LayerArgs& a) {
-      check(mar::launch_fused(mar::DType::kBF16, a, *views[r], algos[0], rk.streams[r]), "launch");
-    };
-    const auto capture = [&](size_t r, const std::function<void()>& body) {
-      cudaGraph_t g;
-      cudaGraphExec_t exec;
-      check(cudaStreamBeginCapture(rk.streams[r], cudaStreamCaptureModeRelaxed), "capture");
-      body();
-      check(cudaStreamEndCapture(rk.streams[r], &g), "end capture");
-      check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
-      check(cudaGraphDestroy(g), "graph destroy");
-      check(cudaGraphLaunch(exec, rk.streams[r]), "graph launch");
-      check(cudaGraphExecDestroy(exec), "exec destroy");  // freed once the launch completes
-    };
-    const auto sync = [&] {
+    const auto run_graphs = [&](const std::vector<std::vector<mar::LayerArgs>>& calls) {
+      std::vector<cudaGraphExec_t> exec(rk.devs.size());
+      for (size_t r = 0; r < rk.devs.size(); ++r) {
+        rk.set(r);
+        cudaGraph_t g;
+        check(cudaStreamBeginCapture(rk.streams[r], cudaStreamCaptureModeRelaxed), "capture");
+        for (const mar::LayerArgs& a : calls[r])
+          check(mar::launch_fused(mar::DType::kBF16, a, *views[r], algos[0], rk.streams[r]), "launch");
+        check(cudaStreamEndCapture(rk.streams[r], &g), "end capture");
+        check(cudaGraphInstantiate(&exec[r], g, 0), "instantiate");
+        check(cudaGraphDestroy(g), "graph destroy");
+      }
+      for (size_t r = 0; r < rk.devs.size(); ++r) {
+        rk.set(r);
+        check(cudaGraphLaunch(exec[r], rk.streams[r]), "graph launch");
+      }
       for (size_t r = 0; r < rk.devs.size(); ++r) {
         rk.set(r);
         check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+        check(cudaGraphExecDestroy(exec[r]), "exec destroy");
       }
     };
-    ok = chain_matches_cpu(o, ins, launch, capture, [&](size_t r) { rk.set(r); }, sync) && ok;
+    ok = chain_matches_cpu(o, ins, run_graphs, [&](size_t r) { rk.set(r); }) && ok;
     for (const auto& e : mar::runtime::take_errors()) {
       std::fprintf(stderr, "kernel failure: %s\n", e.c_str());
       ok = false;
