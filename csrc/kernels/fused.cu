@@ -77,8 +77,8 @@ using namespace dev;
 // Blocks per row (a cluster), threads per block and vectors per thread.
 // Few rows: about 128 vectors per block, one per thread, so a row spreads over
 // up to kMaxCluster SMs (4 or 5 blocks of a 7168-wide row instead of 7 were
-// slower at M = 1, 1xH200, docs/perf.md v11). Many rows: the row in one block of up to
-// 2 * kManyRowsThreads threads with VPT vectors each, when it fits; wider
+// slower at M = 1, 1xH200, docs/perf.md v11). Many rows: the row in one block
+// of up to 2 * kManyRowsThreads threads with VPT vectors each, when it fits; wider
 // rows keep the cluster. Every geometry sums a row's squares in
 // the same order (device.cuh, cluster_reduce), so the choice never changes a
 // bit. G, the rows in flight, is set at launch (plan_launch, which also

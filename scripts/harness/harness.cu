@@ -145,19 +145,35 @@ struct Ranks {
     return elapsed_us(n);
   }
 
-  // The same n iterations captured into one CUDA graph per rank, replayed once
-  // untimed and once timed (graphs of all ranks launched together).
-  std::vector<double> graph(int n, const std::function<void(size_t)>& launch) const {
+  // One CUDA graph per rank of what body(r) launches on rank r's stream, every
+  // rank's captured before any is launched (ranks wait for each other).
+  std::vector<cudaGraphExec_t> capture(const std::function<void(size_t)>& body) const {
     std::vector<cudaGraphExec_t> exec(devs.size());
     for (size_t r = 0; r < devs.size(); ++r) {
       set(r);
       cudaGraph_t g;
       check(cudaStreamBeginCapture(streams[r], cudaStreamCaptureModeRelaxed), "capture");
-      for (int i = 0; i < n; ++i) launch(r);
+      body(r);
       check(cudaStreamEndCapture(streams[r], &g), "end capture");
       check(cudaGraphInstantiate(&exec[r], g, 0), "instantiate");
       check(cudaGraphDestroy(g), "graph destroy");
     }
+    return exec;
+  }
+
+  void destroy(const std::vector<cudaGraphExec_t>& exec) const {
+    for (size_t r = 0; r < devs.size(); ++r) {
+      set(r);
+      check(cudaGraphExecDestroy(exec[r]), "exec destroy");
+    }
+  }
+
+  // The same n iterations captured into one CUDA graph per rank, replayed once
+  // untimed and once timed (graphs of all ranks launched together).
+  std::vector<double> graph(int n, const std::function<void(size_t)>& launch) const {
+    const std::vector<cudaGraphExec_t> exec = capture([&](size_t r) {
+      for (int i = 0; i < n; ++i) launch(r);
+    });
     for (int timed = 0; timed < 2; ++timed) {
       for (size_t r = 0; r < devs.size(); ++r) {
         set(r);
@@ -174,10 +190,7 @@ struct Ranks {
       if (!timed) elapsed_us(n);
     }
     const std::vector<double> us = elapsed_us(n);
-    for (size_t r = 0; r < devs.size(); ++r) {
-      set(r);
-      check(cudaGraphExecDestroy(exec[r]), "exec destroy");
-    }
+    destroy(exec);
     return us;
   }
 };
@@ -430,17 +443,10 @@ int main(int argc, char** argv) {
   }
   if (o.chain > 0) {
     const auto run_graphs = [&](const std::vector<std::vector<mar::LayerArgs>>& calls) {
-      std::vector<cudaGraphExec_t> exec(rk.devs.size());
-      for (size_t r = 0; r < rk.devs.size(); ++r) {
-        rk.set(r);
-        cudaGraph_t g;
-        check(cudaStreamBeginCapture(rk.streams[r], cudaStreamCaptureModeRelaxed), "capture");
+      const std::vector<cudaGraphExec_t> exec = rk.capture([&](size_t r) {
         for (const mar::LayerArgs& a : calls[r])
           check(mar::launch_fused(mar::DType::kBF16, a, *views[r], algos[0], rk.streams[r]), "launch");
-        check(cudaStreamEndCapture(rk.streams[r], &g), "end capture");
-        check(cudaGraphInstantiate(&exec[r], g, 0), "instantiate");
-        check(cudaGraphDestroy(g), "graph destroy");
-      }
+      });
       for (size_t r = 0; r < rk.devs.size(); ++r) {
         rk.set(r);
         check(cudaGraphLaunch(exec[r], rk.streams[r]), "graph launch");
@@ -448,8 +454,8 @@ int main(int argc, char** argv) {
       for (size_t r = 0; r < rk.devs.size(); ++r) {
         rk.set(r);
         check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
-        check(cudaGraphExecDestroy(exec[r]), "exec destroy");
       }
+      rk.destroy(exec);
     };
     ok = chain_matches_cpu(o, ins, run_graphs, [&](size_t r) { rk.set(r); }) && ok;
     for (const auto& e : mar::runtime::take_errors()) {
