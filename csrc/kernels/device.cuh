@@ -113,12 +113,13 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 // A thread holds VPT vectors of the row, vector i of block c's slice being
 // [c*TR*VPT + i*TR, +TR) (Place in fused.cu), so the row falls into groups of
 // 32 consecutive vectors, one per (block, i, warp). Each group's value is a
-// shuffle tree over its warp, stored by lane 0 into slot (c, i, warp) of EVERY
-// block of the cluster; once a block holds every slot, each of its threads
-// folds them in (c, i, warp) order, which is the order of the vectors. The
-// result therefore depends on the row width only, never on C, TR or VPT: a
-// row gives the same bits in every geometry (groups past the row's end hold
-// zeros, which change no sum). Only local shared-memory reads.
+// shuffle tree over its warp (every lane ends with it), stored into slot
+// (c, i, warp) of EVERY block of the cluster; once a block holds every slot,
+// each of its warps folds them as one fixed tree over (c, i, warp) order,
+// which is the order of the vectors (fold_slots). The result therefore
+// depends on the row width only, never on C, TR or VPT: a row gives the same
+// bits in every geometry (groups past the row's end hold zeros, which change
+// no sum). Only local shared-memory reads.
 // In a cluster the slots travel as asynchronous stores into the peers' shared
 // memory (st.async), each counted on the receiving block's transaction
 // barrier (mbarrier), which completes once all C x VPT x warps slots have
@@ -179,7 +180,11 @@ __device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t by
 __device__ __forceinline__ bool barrier_phase_done(uint64_t* bar, uint32_t parity) {
   uint32_t done;
   asm volatile(
+#ifdef MAR_X_CTA
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+#else
       "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+#endif
       " selp.u32 %0, 1, 0, p;\n}"
       : "=r"(done)
       : "r"(smem_addr(bar)), "r"(parity)
@@ -223,6 +228,24 @@ struct ClusterEntry {
   }
 };
 
+// The fold of a reduction's n slots (n <= kReduceSlots), by every warp alike:
+// lane j folds slots j, j + 32, j + 64, ... in that order (none past n), and
+// the lanes are combined by a butterfly (aligned neighbours first). Slots past
+// the row's groups hold zeros, which change no sum of squares and no amax, so
+// the result depends on the row's groups only, never on how many slots a
+// geometry pads them to. Its chain is n / 32 + 5 operations long where a left
+// fold's is n (28 slots of a 7168-wide row: ~540 cycles at M = 1 on 1xH200
+// folded left; docs/perf.md v12).
+template <typename R, typename Op>
+__device__ __forceinline__ R fold_slots(const R* set, int n, Op op) {
+  const int lane = threadIdx.x & 31;
+  R t = lane < n ? set[lane] : R(0);
+  for (int j = lane + 32; j < n; j += 32) t = op(t, set[j]);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) t = op(t, __shfl_xor_sync(0xffffffffu, t, o));
+  return t;
+}
+
 // `count`: the reductions this block did on these slots so far.
 template <int VPT, typename R, typename Op>
 __device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, uint32_t& count,
@@ -246,22 +269,27 @@ __device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, 
     // it, docs/perf.md v10 §3).
     entry.enter();
     if (threadIdx.x == 0) barrier_arrive_expect(bar, uint32_t(C * per_block) * uint32_t(sizeof(R)));
-    if ((threadIdx.x & 31) == 0) {
-      const uint32_t mine = smem_addr(set + rank_in_cluster() * per_block + warp), lbar = smem_addr(bar);
-      for (int c = 0; c < C; ++c) {
-        const uint32_t dst = cluster_addr(mine, uint32_t(c)), cbar = cluster_addr(lbar, uint32_t(c));
+    // Lane c sends the warp's slots to block c (every lane holds the warp's
+    // values after the shuffles): the C blocks' stores go out side by side.
+    const uint32_t c = threadIdx.x & 31;
+    if (c < uint32_t(C)) {
+      const uint32_t mine = smem_addr(set + rank_in_cluster() * per_block + warp);
+      const uint32_t dst = cluster_addr(mine, c), cbar = cluster_addr(smem_addr(bar), c);
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) store_counted(dst + uint32_t(i * warps) * uint32_t(sizeof(R)), v[i], cbar);
-      }
+      for (int i = 0; i < VPT; ++i) store_counted(dst + uint32_t(i * warps) * uint32_t(sizeof(R)), v[i], cbar);
     }
     // Every block of the cluster runs the same rows and reductions, so the
     // slots always come (a wait here ends like the cluster barrier it replaces).
     while (!barrier_phase_done(bar, (n >> 1) & 1u)) {
     }
   }
+#ifdef MAR_X_LINFOLD
   R t = set[0];
   for (int j = 1; j < C * per_block; ++j) t = op(t, set[j]);
   return t;
+#else
+  return fold_slots(set, C * per_block, op);
+#endif
 }
 
 // NaN-propagating max over this lane's aligned group of n lanes (n a power of two <= 32).
@@ -311,8 +339,15 @@ __device__ __forceinline__ void warm_constants(const P& param, uint32_t* sink) {
 struct CallState {
   uint32_t epoch;
   bool poisoned;   // an earlier wait timed out: exchange nothing, outputs become NaN
-  uint64_t slot0;  // slot index of (current buffer, rank 0)
   uint64_t t0;     // start of the call, for the wait bound
+  // Slot index of (current buffer, rank 0). Computed where a slot is addressed,
+  // not in begin_call: a warp issues in order, so a use of the epoch right after
+  // its load held every later instruction, the first input loads with them, for
+  // the load's whole latency (ncu, 1xH200, M = 1: the most stalled instruction
+  // before the expert rows; docs/perf.md v12).
+  __device__ __forceinline__ uint64_t slot0(int nranks) const {
+    return uint64_t(epoch % kNumBuffers) * uint64_t(nranks);
+  }
 };
 
 // Block b keeps its own count of calls (DeviceCounters::epoch[b]). Every rank
@@ -326,7 +361,6 @@ __device__ __forceinline__ CallState begin_call(const ExchangeView& x) {
   CallState s;
   s.epoch = ld_volatile_u32(&x.counters->epoch[blockIdx.x]);
   s.poisoned = ld_volatile_u32(&x.counters->status) != 0u;
-  s.slot0 = uint64_t(s.epoch % kNumBuffers) * uint64_t(x.nranks);
   s.t0 = global_timer_ns();
   return s;
 }

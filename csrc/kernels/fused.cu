@@ -204,7 +204,7 @@ __device__ __forceinline__ uint64_t slot_offset(uint32_t m, uint32_t HV, uint32_
 // Stores this rank's wire vector into slot `rank` of rank `dst`'s current buffer.
 __device__ __forceinline__ void push_to(const ExchangeView& x, const CallState& st, int dst,
                                         uint64_t offset, uint4 w) {
-  st_relaxed_sys(x.areas[dst] + (st.slot0 + uint64_t(x.rank)) * x.slot_bytes + offset, w);
+  st_relaxed_sys(x.areas[dst] + (st.slot0(x.nranks) + uint64_t(x.rank)) * x.slot_bytes + offset, w);
 }
 
 // The rank-ordered sum of SPEC §3 of one vector: `own` is this rank's wire,
@@ -216,7 +216,11 @@ __device__ __forceinline__ void rank_sum(const ExchangeView& x, const CallState&
                                          uint64_t offset, uint4 own, float (&y)[Pack<T>::V]) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-  char* mine = x.areas[x.rank] + st.slot0 * x.slot_bytes + offset;
+  if (x.nranks == 1) {  // no peer: the sum is this rank's wire (the loop below, for one rank)
+    PK::unpack(own, y);
+    return;
+  }
+  char* mine = x.areas[x.rank] + st.slot0(x.nranks) * x.slot_bytes + offset;
   for (int s0 = 0; s0 < x.nranks; s0 += 4) {
     uint4 d[4];
 #pragma unroll
@@ -279,14 +283,20 @@ __device__ __forceinline__ uint32_t slice_elems(const Geometry& g, int V) {
   return uint32_t(g.TR) * uint32_t(g.VPT) * uint32_t(V);
 }
 
-template <typename T>
-__device__ __forceinline__ TailState tail_state(const LayerArgs& a, const ClusterEntry& entry) {
+// What the tail keeps over the call. Its loads (gamma, quant_scale) are issued right after
+// the wait for the predecessor, ahead of the rows', and used only in the tail.
+template <typename T, int VPT>
+__device__ __forceinline__ TailState tail_state(const LayerArgs& a, const ClusterEntry& entry,
+                                                const Vectors<VPT>& vs) {
   TailState ts;
   ts.entry = entry;
+  if constexpr (VPT == 1) {
+    if (vs.active(0)) ts.gamma = load_gamma_bits<T>(a, vs.v(0));
+  }
   const OpConfig& c = a.cfg;
   if (c.quantizes()) {
     ts.lanes = quantize_lanes<T>(c);
-    if (c.quant == QuantKind::kFp8Static) ts.static_inv = div_rn(1.0f, a.quant_scale[0]);
+    if (c.quant == QuantKind::kFp8Static || c.quant == QuantKind::kNvFp4) ts.quant_scale = a.quant_scale[0];
   }
   return ts;
 }
@@ -349,7 +359,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const ClusterEntry entry = start_call(a, x, int(p.C), sh);
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  TailState ts = tail_state<T>(a, entry);
+  TailState ts = tail_state<T, VPT>(a, entry, p.vs);
   // A block waits for peers only in reduce_row: none in a group of one, or
   // without rows; otherwise its last row's reduce_row is its last wait.
   if (x.nranks == 1 || p.cluster >= p.M) let_successor_launch();
@@ -360,11 +370,15 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   // 125 vs 130 µs at M = 2048 on 1xH200 (docs/perf.md v7).
   constexpr int kOneShotLoads = VPT > 1 ? 2 * MAR_KCHUNK : MAR_KCHUNK;
   auto load_row = [&](uint32_t row, uint4 (&res)[VPT], uint4 (&own)[VPT]) {
+    if (row >= p.M) {  // past the last row (the lookahead of a cluster's last one)
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) res[i] = own[i] = kSentinel4;
+      return;
+    }
     if constexpr (VPT == 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
-    if (row >= p.M) return;
     wire_vectors<T, VPT, kOneShotLoads>(a, row, p.vs, own);
     if constexpr (VPT > 1) load_residual<T, VPT>(a, row, p.M, p.vs, res);
-    if (st.poisoned) return;
+    if (st.poisoned || x.nranks == 1) return;  // nothing to push
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       if (!p.vs.active(i)) continue;
@@ -428,7 +442,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
   const ClusterEntry entry = start_call(a, x, int(p.C), sh);
   const CallState st = begin_call(x);
   Tracer tr(x, trace_words);
-  TailState ts = tail_state<T>(a, entry);
+  TailState ts = tail_state<T, VPT>(a, entry, p.vs);
   // Waits are spread over phases 2 and 3: the successor may launch once this
   // block is past them all (at once in a group of one).
   if (x.nranks == 1) let_successor_launch();
@@ -522,11 +536,13 @@ using Kernel = void (*)(LayerArgs, ExchangeView, Geometry);
 
 // One-vector geometries: blocks of up to 256 threads (rows up to 2048
 // vectors: H <= 16384 in bf16), wider rows a block of up to kMaxThreads.
-// A rank that has its GPU to itself takes the small blocks with all the
-// registers they want (~160: a shorter chain); ranks that share a GPU take
-// them bounded to two blocks per SM (~120 registers, no spills), so that a
-// rank's clusters fit beside its peers' (1xH200, 2 virtual ranks at M = 32:
-// 7.49 against 11.19 µs; docs/perf.md v8).
+// The small blocks are bounded to two blocks of 256 threads per SM (at most
+// 128 registers, no spills), for every group: so that the clusters of ranks
+// sharing a GPU fit beside each other (1xH200, 2 virtual ranks at M = 32: 7.49
+// against 11.19 µs; docs/perf.md v8), and so that a rank with its GPU to itself
+// keeps 4 blocks of 128 threads per SM, 64 clusters of a 7168-wide row in
+// one round. Unbounded (~135-165 registers) they were no faster at M = 1 and
+// slower from M = 32 (1xH200, docs/perf.md v12).
 // Every shape comes compiled once per quant kind (row_tail): `quant` is the
 // call's kind, or kNone when it asks for no codes (quant_of).
 template <typename T, int kMaxTR, int kMinBlocks, int VPT, QuantKind Q>
@@ -561,15 +577,14 @@ Kernel<T> many_rows_kernel(Algorithm algorithm, QuantKind quant) {
 }
 
 template <typename T>
-Kernel<T> kernel_for(Algorithm algorithm, QuantKind quant, const Geometry& g, bool shares_device) {
+Kernel<T> kernel_for(Algorithm algorithm, QuantKind quant, const Geometry& g) {
   switch (g.VPT) {
     case 2: return many_rows_kernel<T, 2>(algorithm, quant);
     case 4: return many_rows_kernel<T, 4>(algorithm, quant);
     default: break;
   }
   if (g.TR > 256) return kernel_of<T, kMaxThreads, 1, 1>(algorithm, quant);
-  return shares_device ? kernel_of<T, 256, 2, 1>(algorithm, quant)
-                       : kernel_of<T, 256, 1, 1>(algorithm, quant);
+  return kernel_of<T, 256, 2, 1>(algorithm, quant);
 }
 
 // Every kernel kernel_for can return.
@@ -579,7 +594,7 @@ std::vector<Kernel<T>> all_kernels() {
   for (Algorithm algo : {Algorithm::kOneShot, Algorithm::kTwoShot})
     for (QuantKind q : {QuantKind::kNone, QuantKind::kFp8Static, QuantKind::kFp8PerToken,
                         QuantKind::kFp8PerGroup, QuantKind::kNvFp4})
-      for (Kernel<T> k : {kernel_of<T, 256, 1, 1>(algo, q), kernel_of<T, 256, 2, 1>(algo, q),
+      for (Kernel<T> k : {kernel_of<T, 256, 2, 1>(algo, q),
                           kernel_of<T, kMaxThreads, 1, 1>(algo, q),
                           many_rows_kernel<T, 2>(algo, q), many_rows_kernel<T, 4>(algo, q)})
         out.push_back(k);
@@ -671,7 +686,7 @@ cudaError_t plan_launch(const LayerArgs& a, const ExchangeView& x, Algorithm alg
     Launch<T> c;
     c.g = cands.g[i];
     c.smem = stage_bytes<T>(a, c.g);
-    c.kernel = kernel_for<T>(kernel_algo, quant_of(a.cfg), c.g, x.group_sms < sms);
+    c.kernel = kernel_for<T>(kernel_algo, quant_of(a.cfg), c.g);
     // Its share of the resident clusters.
     const int64_t fit = int64_t(resident_clusters(reinterpret_cast<const void*>(c.kernel), c.g,
                                                   c.smem, device)) *
@@ -701,11 +716,19 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
   cfg.stream = stream;
   // Programmatic dependent launch (device.cuh, wait_for_predecessor): the
   // kernel may be scheduled while its predecessor on the stream finishes.
-  cudaLaunchAttribute attrs[2] = {cluster_attribute(l.g.C), {}};
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attrs[2] = {};
+  unsigned n = 0;
+#ifdef MAR_X_NOCL1
+  if (l.g.C > 1) attrs[n++] = cluster_attribute(l.g.C);
+#else
+  attrs[n++] = cluster_attribute(l.g.C);
+#endif
+  if (programmatic_launch()) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
   cfg.attrs = attrs;
-  cfg.numAttrs = programmatic_launch() ? 2 : 1;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, l.kernel, a, x, l.g);
 }
 

@@ -39,32 +39,60 @@ struct TailShared {
   uint32_t sink;  // warm_constants' store
 };
 
+// gamma[v*V .. v*V+V) as loaded: one 16-byte vector of T, or two of float32
+// (gamma is T or float32, SPEC §2), to be unpacked where it is used.
+struct GammaBits {
+  uint4 u[2];
+};
+
+template <typename T>
+__device__ __forceinline__ GammaBits load_gamma_bits(const LayerArgs& a, uint32_t v) {
+  constexpr int V = Pack<T>::V;
+  GammaBits b;
+  b.u[1] = make_uint4(0u, 0u, 0u, 0u);
+  if (a.gamma_dtype == DType::kF32) {
+    const float* p = static_cast<const float*>(a.gamma) + v * V;
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) b.u[q] = ldg16(p + 4 * q);
+  } else {
+    b.u[0] = ldg16(static_cast<const T*>(a.gamma) + v * V);
+  }
+  return b;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack_gamma(const LayerArgs& a, const GammaBits& b,
+                                             float (&g)[Pack<T>::V]) {
+  constexpr int V = Pack<T>::V;
+  if (a.gamma_dtype == DType::kF32) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      float f[4];
+      Pack<float>::unpack(b.u[q], f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[4 * q + j] = f[j];
+    }
+  } else {
+    Pack<T>::unpack(b.u[0], g);
+  }
+}
+
 // Per-thread state carried from row to row (parities of the cluster slots) and
 // what is constant over the call.
 struct TailState {
   ClusterEntry entry;  // armed at kernel entry: see ClusterEntry
   uint32_t reduced_d = 0, reduced_f = 0;  // reductions done on sh.sum, sh.max (cluster_reduce)
-  float static_inv = 0.0f;  // FP8 static: 1 / scale
+  // The quant_scale operand (FP8 static, NVFP4), loaded with gamma and used
+  // only in the tail, for the same reason.
+  float quant_scale = 0.0f;
   int lanes = 0;            // lanes per scale group (quantize_lanes), 0: staged
+  // One vector per thread (few rows, latency): this thread's gamma, the same for
+  // every row, loaded once per call right after the wait for the predecessor
+  // (fused.cu, tail_state), unpacked where the tail uses it. Loaded in the tail,
+  // its first use came right after the load and held the warp for the load's
+  // whole latency (ncu, 1xH200, M = 1; docs/perf.md v12).
+  GammaBits gamma = {};
 };
-
-// gamma[v*V .. v*V+V) as float32; gamma is T or float32 (SPEC §2).
-template <typename T>
-__device__ __forceinline__ void load_gamma(const LayerArgs& a, uint32_t v, float (&g)[Pack<T>::V]) {
-  constexpr int V = Pack<T>::V;
-  if (a.gamma_dtype == DType::kF32) {
-    const float* p = static_cast<const float*>(a.gamma) + v * V;
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      float f[4];
-      Pack<float>::unpack(ldg16(p + 4 * q), f);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) g[4 * q + j] = f[j];
-    }
-  } else {
-    Pack<T>::unpack(ldg16(static_cast<const T*>(a.gamma) + v * V), g);
-  }
-}
 
 // Element index, in the scale output, of output row m's j-th scale (one place
 // for the scale layouts of SPEC §3: per token, per group row/col, NVFP4
@@ -160,9 +188,9 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
                          TailState& ts, T* stage) {
   using PK = Pack<T>;
   constexpr int V = PK::V;
-  // One vector per thread (few rows, latency): gamma is loaded before the
-  // reduction so that its latency hides behind the barrier. Several: loaded
-  // where used (it stays in L1 from row to row), which saves the registers.
+  // One vector per thread (few rows, latency): gamma came with the call's
+  // first loads (TailState). Several: loaded where used (it stays in L1 from
+  // row to row), which saves the registers.
   constexpr bool kGammaEarly = VPT == 1;
   // The call's configuration with its quant kind fixed at compile time: every
   // test of c.quant below folds, and c.quantizes() with it (the launcher picks
@@ -170,14 +198,12 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
   OpConfig c = a.cfg;
   c.quant = Q;
   const uint32_t H = uint32_t(a.H);
-  float g_early[kGammaEarly ? V : 1];
   double sum_sq[VPT];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     sum_sq[i] = 0.0;
     if (!vs.active(i)) continue;
     if (a.residual_out) *reinterpret_cast<uint4*>(elem_ptr<T>(a.residual_out, at.m, H, vs.v(i))) = r[i];
-    if constexpr (kGammaEarly) load_gamma<T>(a, vs.v(i), g_early);
     float f[V];
     PK::unpack(r[i], f);
 #pragma unroll
@@ -189,12 +215,8 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
   auto normed = [&](int i, float (&q)[V]) {
     float f[V], g[V];
     PK::unpack(r[i], f);
-    if constexpr (kGammaEarly) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) g[j] = g_early[j];
-    } else {
-      load_gamma<T>(a, vs.v(i), g);
-    }
+    if constexpr (kGammaEarly) unpack_gamma<T>(a, ts.gamma, g);
+    else unpack_gamma<T>(a, load_gamma_bits<T>(a, vs.v(i)), g);
     float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -217,7 +239,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
     if (!c.quantizes()) continue;
     switch (c.quant) {
       case QuantKind::kFp8Static:
-        if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, ts.static_inv);
+        if (active) store_fp8_codes<V>(codes + uint64_t(at.m) * H + v * V, q, div_rn(1.0f, ts.quant_scale));
         break;
       case QuantKind::kFp8PerToken:
         row_amax[i] = amax;  // the codes wait for the row's scale, below
@@ -237,7 +259,7 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
         break;
       }
       case QuantKind::kNvFp4: {
-        const float gsc = a.quant_scale[0];
+        const float gsc = ts.quant_scale;
         const uint8_t sf = nvfp4_scale_code(lanes_nan_max(amax, ts.lanes), gsc);
         if (!active) break;
         const float os = nvfp4_out_scale(sf, gsc);

@@ -3,6 +3,10 @@
 // op's input bytes once and writes its output bytes once (memory floor), and
 // for N ranks a flag-only exchange over a workspace of the same group
 // (protocol floor: one 16-byte push per block to every peer, then the wait).
+// The launch and memory floors are timed twice: launched the ordinary way, and
+// launched like the op, with programmatic dependent launch (each kernel lets
+// its successor launch at once and waits for its predecessor before its first
+// load): the per-call cost that a chain of the op's calls cannot go under.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,11 +16,23 @@
 
 namespace harness {
 
-__global__ void empty_kernel() {}
+// kPdl: launched with programmatic dependent launch (see above).
+template <bool kPdl>
+__global__ void empty_kernel() {
+  if constexpr (kPdl) {
+    mar::dev::let_successor_launch();
+    mar::dev::wait_for_predecessor();
+  }
+}
 
 // Reads `in_vecs` 16-byte words once, writes `out_vecs` once, over the grid.
+template <bool kPdl>
 __global__ void memory_kernel(const uint4* __restrict__ in, size_t in_vecs, uint4* __restrict__ out,
                               size_t out_vecs) {
+  if constexpr (kPdl) {
+    mar::dev::let_successor_launch();
+    mar::dev::wait_for_predecessor();
+  }
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   uint32_t acc = 0;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < in_vecs; i += stride) {
@@ -35,9 +51,9 @@ __global__ void protocol_kernel(const __grid_constant__ mar::ExchangeView x) {
   const int s = int(threadIdx.x);
   if (s < x.nranks && s != x.rank && !st.poisoned) {
     const uint64_t off = uint64_t(blockIdx.x) * 16u;
-    mar::st_relaxed_sys(x.areas[s] + (st.slot0 + uint64_t(x.rank)) * x.slot_bytes + off,
+    mar::st_relaxed_sys(x.areas[s] + (st.slot0(x.nranks) + uint64_t(x.rank)) * x.slot_bytes + off,
                         make_uint4(st.epoch, 1u, 2u, 3u));
-    char* mine = x.areas[x.rank] + (st.slot0 + uint64_t(s)) * x.slot_bytes + off;
+    char* mine = x.areas[x.rank] + (st.slot0(x.nranks) + uint64_t(s)) * x.slot_bytes + off;
     mar::dev::wait_slot<4>(mar::ld_relaxed_sys(mine), mine, x, st, s);
     mar::st_relaxed_sys(mine, mar::kSentinel4);
   }
@@ -45,20 +61,29 @@ __global__ void protocol_kernel(const __grid_constant__ mar::ExchangeView x) {
   mar::dev::finish_call(x, st.epoch);
 }
 
-// Launches of a kernel with the op's shape (grid, block, cluster, smem).
-inline cudaError_t launch_shaped(const void* kernel, const mar::LaunchShape& s, cudaStream_t stream,
-                                 void** args) {
+// Launches of a kernel with the op's shape (grid, block, cluster, smem), or
+// any grid and block (cluster 1: none asked), with programmatic dependent launch if `pdl`.
+inline cudaError_t launch_floor(const void* kernel, const mar::LaunchShape& s, bool pdl,
+                                cudaStream_t stream, void** args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(s.grid));
   cfg.blockDim = dim3(unsigned(s.block));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = unsigned(s.cluster);
-  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attrs[2] = {};
+  unsigned n = 0;
+  if (s.cluster > 1) {  // the memory floor's grid has no cluster, launched as plain blocks
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = unsigned(s.cluster);
+    attrs[n].val.clusterDim.y = attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  cfg.attrs = attrs;
+  cfg.numAttrs = n;
   return cudaLaunchKernelExC(&cfg, kernel, args);
 }
 

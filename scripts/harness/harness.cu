@@ -229,7 +229,8 @@ int main(int argc, char** argv) {
     check(cudaSetDevice(rk.devs[d]), "cudaSetDevice");
     check(mar::prepare_fused_kernels(), "loading the kernels");
     cudaFuncAttributes attr;
-    for (const void* k : {reinterpret_cast<const void*>(&empty_kernel), reinterpret_cast<const void*>(&memory_kernel),
+    for (const void* k : {reinterpret_cast<const void*>(&empty_kernel<false>), reinterpret_cast<const void*>(&empty_kernel<true>),
+                          reinterpret_cast<const void*>(&memory_kernel<false>), reinterpret_cast<const void*>(&memory_kernel<true>),
                           reinterpret_cast<const void*>(&protocol_kernel)})
       check(cudaFuncGetAttributes(&attr, k), "loading the floor kernels");
   }
@@ -299,9 +300,10 @@ int main(int argc, char** argv) {
 
   if (o.floors) {
     // Launch floor: an empty kernel of the op's grid.
-    const auto empty = [&](size_t r) {
-      check(launch_shaped(reinterpret_cast<const void*>(&empty_kernel), shape, rk.streams[r], nullptr),
-            "empty launch");
+    const auto empty = [&](bool pdl) {
+      const void* k = pdl ? reinterpret_cast<const void*>(&empty_kernel<true>)
+                          : reinterpret_cast<const void*>(&empty_kernel<false>);
+      return [&, k, pdl](size_t r) { check(launch_floor(k, shape, pdl, rk.streams[r], nullptr), "empty launch"); };
     };
     // Memory floor: each rank reads its input bytes and writes its output bytes once.
     std::vector<void*> in_buf, out_buf;
@@ -317,18 +319,27 @@ int main(int argc, char** argv) {
       in_buf.push_back(zeros(in_vecs[r] * 16));
       out_buf.push_back(zeros(out_vecs[r] * 16));
     }
-    const int mem_grid = std::max(1, 4 * sms / int(rk.devs.size()));
-    const auto memory = [&](size_t r) {
-      memory_kernel<<<mem_grid, 512, 0, rk.streams[r]>>>(static_cast<const uint4*>(in_buf[r]), in_vecs[r],
-                                                         static_cast<uint4*>(out_buf[r]), out_vecs[r]);
-      check(cudaGetLastError(), "memory launch");
+    mar::LaunchShape mem_shape;
+    mem_shape.grid = std::max(1, 4 * sms / int(rk.devs.size()));
+    mem_shape.block = 512;
+    mem_shape.cluster = 1;
+    const auto memory = [&](bool pdl) {
+      const void* k = pdl ? reinterpret_cast<const void*>(&memory_kernel<true>)
+                          : reinterpret_cast<const void*>(&memory_kernel<false>);
+      return [&, k, pdl](size_t r) {
+        const uint4* in = static_cast<const uint4*>(in_buf[r]);
+        uint4* out = static_cast<uint4*>(out_buf[r]);
+        size_t n_in = in_vecs[r], n_out = out_vecs[r];
+        void* kargs[] = {&in, &n_in, &out, &n_out};
+        check(launch_floor(k, mem_shape, pdl, rk.streams[r], kargs), "memory launch");
+      };
     };
     std::vector<const mar::ExchangeView*> fviews;
     for (size_t r = 0; floor_ws && r < rk.devs.size(); ++r) fviews.push_back(mar::runtime::find_view_at(floor_ws, r));
     const auto protocol = [&](size_t r) {
       mar::ExchangeView x = *fviews[r];
       void* kargs[] = {&x};
-      check(launch_shaped(reinterpret_cast<const void*>(&protocol_kernel), shape, rk.streams[r], kargs),
+      check(launch_floor(reinterpret_cast<const void*>(&protocol_kernel), shape, false, rk.streams[r], kargs),
             "protocol launch");
     };
     const auto time = [&](const std::function<void(size_t)>& f) {
@@ -336,13 +347,15 @@ int main(int argc, char** argv) {
       return o.graph ? rk.graph(o.iters, f) : rk.plain(o.iters, f);
     };
     const double op_us = max_of(scaled(o.graph ? graph : plain));
-    const double launch_us = max_of(time(empty)), memory_us = max_of(time(memory));
+    const double launch_us = max_of(time(empty(false))), memory_us = max_of(time(memory(false)));
+    const double launch_pdl_us = max_of(time(empty(true))), memory_pdl_us = max_of(time(memory(true)));
     const double protocol_us = floor_ws ? max_of(time(protocol)) : 0.0;
     const double largest = std::max({launch_us, memory_us, protocol_us});
-    std::printf("floors (%s, µs, slowest rank): launch %.2f | memory %.2f (%zu B in, %zu B out per rank) | "
-                "protocol %s | op %.2f = %.2fx the largest\n",
-                o.graph ? "graph" : "plain", launch_us, memory_us, in_vecs[0] * 16, out_vecs[0] * 16,
-                floor_ws ? std::to_string(protocol_us).substr(0, 5).c_str() : "-", op_us, op_us / largest);
+    std::printf("floors (%s, µs, slowest rank): launch %.2f (PDL %.2f) | memory %.2f (PDL %.2f; %zu B in, %zu B out "
+                "per rank) | protocol %s | op %.2f = %.2fx the largest\n",
+                o.graph ? "graph" : "plain", launch_us, launch_pdl_us, memory_us, memory_pdl_us, in_vecs[0] * 16,
+                out_vecs[0] * 16, floor_ws ? std::to_string(protocol_us).substr(0, 5).c_str() : "-", op_us,
+                op_us / largest);
   }
   // With $JAX_MOE_AR_TRACE set: block 0's phase times of each rank's last call.
   for (const auto& t : mar::runtime::read_traces()) {
