@@ -180,11 +180,7 @@ __device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t by
 __device__ __forceinline__ bool barrier_phase_done(uint64_t* bar, uint32_t parity) {
   uint32_t done;
   asm volatile(
-#ifdef MAR_X_CTA
-      "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
-#else
       "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-#endif
       " selp.u32 %0, 1, 0, p;\n}"
       : "=r"(done)
       : "r"(smem_addr(bar)), "r"(parity)
@@ -283,13 +279,7 @@ __device__ __forceinline__ R cluster_reduce(R (&v)[VPT], ReduceSlots<R>& slots, 
     while (!barrier_phase_done(bar, (n >> 1) & 1u)) {
     }
   }
-#ifdef MAR_X_LINFOLD
-  R t = set[0];
-  for (int j = 1; j < C * per_block; ++j) t = op(t, set[j]);
-  return t;
-#else
   return fold_slots(set, C * per_block, op);
-#endif
 }
 
 // NaN-propagating max over this lane's aligned group of n lanes (n a power of two <= 32).

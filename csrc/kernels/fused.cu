@@ -716,19 +716,11 @@ cudaError_t launch_typed(const LayerArgs& a, const ExchangeView& x, Algorithm al
   cfg.stream = stream;
   // Programmatic dependent launch (device.cuh, wait_for_predecessor): the
   // kernel may be scheduled while its predecessor on the stream finishes.
-  cudaLaunchAttribute attrs[2] = {};
-  unsigned n = 0;
-#ifdef MAR_X_NOCL1
-  if (l.g.C > 1) attrs[n++] = cluster_attribute(l.g.C);
-#else
-  attrs[n++] = cluster_attribute(l.g.C);
-#endif
-  if (programmatic_launch()) {
-    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
+  cudaLaunchAttribute attrs[2] = {cluster_attribute(l.g.C), {}};
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attrs;
-  cfg.numAttrs = n;
+  cfg.numAttrs = programmatic_launch() ? 2 : 1;
   return cudaLaunchKernelEx(&cfg, l.kernel, a, x, l.g);
 }
 
