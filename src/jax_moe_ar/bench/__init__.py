@@ -7,11 +7,17 @@ routed_scaling_factor 2.5, router scales, a shared-expert partial, default outpu
 residual + norm without quant, residual + quant with quant). Call i+1 consumes call i's
 outputs: its residual is call i's new residual, and all of call i's outputs and all of
 call i+1's operands pass through one ``lax.optimization_barrier``. The barrier costs
-nothing at run time, but it keeps XLA from dropping outputs nobody reads (the quant codes
-of the "xla" composition), from computing the loop-invariant finalize once for all calls,
-and from combining or reordering the all-reduces of different calls. The chain is a
-``fori_loop`` over blocks of ``--unroll`` unrolled calls (trip count static, so XLA needs
-no host round trip per iteration; the unrolling keeps compile time bounded).
+nothing at run time, but it keeps XLA from computing the loop-invariant finalize once for
+all calls and from combining or reordering the all-reduces of different calls. It does
+NOT keep alive an output that the next call does not read: in the "xla" composition XLA
+removes the norm and the quantizer of every call but the last of an unrolled block (one
+``rsqrt`` in the compiled HLO of 8 unrolled calls on an H200), while the fused op, one
+custom call, always writes all its outputs; so the "xla" column does less work than the
+op (docs/perf.md v12). ``--unroll 1`` keeps every call's outputs (each is loop-carried)
+at the cost of a loop iteration per call, the same for every column: compare kernel
+times then. The chain is a ``fori_loop`` over blocks of ``--unroll`` unrolled calls (trip
+count static, so XLA needs no host round trip per iteration; the unrolling keeps compile
+time bounded).
 
 Inputs are random normal (expert rows, shared-expert partials, residual, gamma near 1).
 Each token's K distinct experts come from random router logits over ``--experts`` E
