@@ -312,10 +312,17 @@ def test_device_time_reads_gpu_planes():
     assert list(device_time(data, {1})["busy_ns"]) == ["/device:GPU:1"]
 
 
+def _noop_calls(text, target, side_effect):
+    """Custom calls of `target` in compiled HLO text, with or without side effect."""
+    lines = [ln for ln in text.splitlines() if f'custom_call_target="{target}"' in ln]
+    return sum(("custom_call_has_side_effect=true" in ln) == side_effect for ln in lines)
+
+
 def test_noop_chain_keeps_every_call():
     """XLA may drop a call whose result nobody reads; each no-op call's token is read by
     the next, so the compiled chain holds one custom call per chained call (outside the
-    loop: the first and the tail; inside: one unrolled block)."""
+    loop: the first and the tail; inside: one unrolled block), beside the chain's
+    side-effecting keep-alive calls (one per block, as in every column)."""
     import jax
 
     from jax_moe_ar.bench.inputs import IN_SPEC_NAMES, make_inputs
@@ -328,11 +335,32 @@ def test_noop_chain_keeps_every_call():
                                         ("fp8_static", 5, 0, 5)):
         f = chain_program(mesh, quant, NOOP, chain, unroll)
         text = f.lower(*args).compile().as_text()
-        assert text.count(f'custom_call_target="{NOOP_TARGET}"') == calls, (quant, chain)
+        assert _noop_calls(text, NOOP_TARGET, side_effect=False) == calls, (quant, chain)
         residual, token = f(*args)
         # the residual passes through unchanged; the token is the handler's zeros
         np.testing.assert_array_equal(np.asarray(residual)[:8], np.asarray(inp["residual"]))
         np.testing.assert_array_equal(np.asarray(token), np.zeros(2, np.int32))
+
+
+def test_xla_chain_runs_every_calls_norm_and_quant():
+    """The "xla" composition's norm_out and quant outputs are read by no later call; XLA
+    dropped them from every call but the last of an unrolled block (docs/perf.md v12), so
+    its column did less work than the op. The chain's keep-alive calls hold them: the
+    compiled chain normalizes once per call, with or without quant (a quant output is
+    made from the normed row). Checked on CPU, whose XLA drops them the same way."""
+    import jax
+
+    from jax_moe_ar.bench.inputs import IN_SPEC_NAMES, make_inputs
+    from jax_moe_ar.bench.programs import NOOP_TARGET, chain_program
+    from jax_moe_ar.cli import dtype_of, tp_mesh
+    mesh = tp_mesh(jax.devices("cpu")[:2])
+    inp = make_inputs(mesh, 2, 8, 128, 8, 256, dtype_of("bf16"), 0)
+    args = tuple(inp[n] for n in IN_SPEC_NAMES)
+    for quant in ("none", "nvfp4", "fp8_per_token"):
+        text = chain_program(mesh, quant, "xla", 5, 0).lower(*args).compile().as_text()
+        assert text.count(" rsqrt(") == 5, quant
+        # one keep-alive for the first call, one for the other four (one unrolled block)
+        assert _noop_calls(text, NOOP_TARGET, side_effect=True) == 2, quant
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):

@@ -9,15 +9,15 @@ outputs: its residual is call i's new residual, and all of call i's outputs and 
 call i+1's operands pass through one ``lax.optimization_barrier``. The barrier costs
 nothing at run time, but it keeps XLA from computing the loop-invariant finalize once for
 all calls and from combining or reordering the all-reduces of different calls. It does
-NOT keep alive an output that the next call does not read: in the "xla" composition XLA
-removes the norm and the quantizer of every call but the last of an unrolled block (one
-``rsqrt`` in the compiled HLO of 8 unrolled calls on an H200), while the fused op, one
-custom call, always writes all its outputs; so the "xla" column does less work than the
-op (docs/perf.md v12). ``--unroll 1`` keeps every call's outputs (each is loop-carried)
-at the cost of a loop iteration per call, the same for every column: compare kernel
-times then. The chain is a ``fori_loop`` over blocks of ``--unroll`` unrolled calls (trip
-count static, so XLA needs no host round trip per iteration; the unrolling keeps compile
-time bounded).
+not keep alive an output that the next call does not read (norm_out, the quant codes and
+scales): XLA removed the norm and the quantizer of the "xla" composition from every call
+but the last of an unrolled block (one ``rsqrt`` in the compiled HLO of 8 unrolled calls
+on an H200, docs/perf.md v12), while the fused op, one custom call, always writes all its
+outputs. So each unrolled block ends with one side-effecting no-op custom call that takes
+every output of its calls (the "keep-alive"; in every column alike, so the ffi no-op
+column includes it too). The chain is a ``fori_loop`` over blocks of ``--unroll``
+unrolled calls (trip count static, so XLA needs no host round trip per iteration; the
+unrolling keeps compile time bounded).
 
 Inputs are random normal (expert rows, shared-expert partials, residual, gamma near 1).
 Each token's K distinct experts come from random router logits over ``--experts`` E

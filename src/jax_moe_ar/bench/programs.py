@@ -67,6 +67,21 @@ def _noop_step(quant_name, nw):
     return step
 
 
+def _keep_alive(outputs):
+    """One side-effecting no-op custom call that takes `outputs` as operands, so that XLA
+    must compute them. Without it, an output the next call does not read (norm_out, the
+    quant codes and scales) is dead code: XLA removes it from the "xla" composition (its
+    norm and quantizer then run for the last call of an unrolled block only) while the
+    fused op, one custom call, always writes it (docs/perf.md v12). One per unrolled block,
+    the same in every column."""
+    import jax
+    import jax.numpy as jnp
+
+    if outputs:
+        jax.ffi.ffi_call(NOOP_TARGET, jax.ShapeDtypeStruct((1,), jnp.int32),
+                         has_side_effect=True)(*outputs)
+
+
 def chain_program(mesh, quant_name, algorithm, chain, unroll, scatter=False):
     """jit(shard_map) of `chain` chained calls of the op (``algorithm`` "auto", "oneshot",
     "twoshot" or "xla"; with ``scatter`` the reduce-scatter variant, whose residual is each
@@ -90,13 +105,17 @@ def chain_program(mesh, quant_name, algorithm, chain, unroll, scatter=False):
 
         def steps(n, carry):
             outs, ex, idx, sc, sh = carry
+            read_by_none = []  # every output but the residual, which the next call reads
             for _ in range(n):
                 outs, ex, idx, sc, sh = call(outs, ex, idx, sc, sh)
+                read_by_none.extend(outs[1:])
+            _keep_alive(read_by_none)
             return outs, ex, idx, sc, sh
 
         # The first call, outside the loop, gives the carry its types (the barrier makes
         # everything varying along "tp"); then n_loop blocks of `unroll` calls, then the rest.
         carry = call((_to_varying(res),), ex, idx, sc, sh)
+        _keep_alive(list(carry[0][1:]))
         if n_loop:
             carry = lax.fori_loop(0, n_loop, lambda i, c: steps(unroll, c), carry)
         carry = steps(n_tail, carry)
