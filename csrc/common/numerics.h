@@ -94,11 +94,6 @@ MAR_HD float nan_max(float a, float b) {
 #endif
 }
 
-// sat(x, L) of SPEC §3: clamp to [-L, L]; NaN passes through unchanged.
-MAR_HD float sat(float x, float limit) {
-  return x > limit ? limit : (x < -limit ? -limit : x);
-}
-
 // Round-to-nearest-even right shift of a non-negative integer by s >= 1.
 MAR_HD uint32_t shift_rne(uint32_t v, uint32_t s) {
   if (s >= 32) return 0;

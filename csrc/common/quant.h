@@ -14,17 +14,22 @@ constexpr float kFp4Max = 6.0f;     // largest float4_e2m1fn
 constexpr float kAmaxFloor = 1e-10f;
 constexpr int kFp4Block = 16;       // NVFP4 elements per scale
 
-// float8_e4m3fn code of x, round to nearest even. Callers saturate first
-// (|x| <= 448); NaN maps to the NaN code 0x7f with x's sign. Branch-free: both
-// candidate codes are computed and one is selected.
+// float8_e4m3fn code of x, round to nearest even, saturating: |x| >= 448,
+// infinities included, gives 448's code 0x7e, which is SPEC §3's sat(x, 448)
+// followed by the encoding, so callers need not saturate first (one integer min
+// on the magnitude's bits instead of two compares and two selects per element).
+// NaN maps to the NaN code 0x7f with x's sign. Branch-free: both candidate
+// codes are computed and one is selected.
 MAR_HD uint8_t e4m3_encode(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t a = u & 0x7fffffffu;
   // >= 2^-6, normal e4m3: keep exponent and 3 mantissa bits, rounding the 20
   // dropped bits to nearest even (a carry moves into the exponent, as it
-  // must), then rebias the exponent from 127 to 7.
-  const uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  // must), then rebias the exponent from 127 to 7. Magnitudes above 448
+  // (0x43e00000) are taken as 448.
+  const uint32_t s = a < 0x43e00000u ? a : 0x43e00000u;
+  const uint32_t normal = ((s + 0x7ffffu + ((s >> 20) & 1u)) >> 20) - (120u << 3);
   // < 2^-6, subnormal e4m3: multiples of 2^-9. |x| * 2^9 < 8 is exact, and
   // adding 2^23 rounds it to an integer (nearest even); 8 is the smallest normal.
   const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 512.0f), 8388608.0f)) - 0x4b000000u;
@@ -41,9 +46,13 @@ MAR_HD float e4m3_decode(uint8_t c) {
   return bits_f32(sign | ((e + 120u) << 23) | (m << 20));
 }
 
-// float4_e2m1fn code (4 bits) of x, round to nearest even. Callers saturate
-// first (|x| <= 6). NaN has no code in e2m1: it maps to 0x7 with x's sign
-// (SPEC §3: codes of a block holding NaN are unspecified). Branch-free, as above.
+// float4_e2m1fn code (4 bits) of x, round to nearest even, saturating: |x| >= 6,
+// infinities included, gives 6's code 7, which is SPEC §3's sat(x, 6) followed by
+// the encoding, so callers need not saturate first. NaN has no code in e2m1: it
+// gives 0x7 with x's sign (SPEC §3: codes of a block holding NaN are
+// unspecified). Both come from the normal branch: a magnitude's bits of 6.5 or
+// more (Inf and NaN too) make its code 8 or more, clamped to 7, so no compare
+// for them (no overflow: the bits are below 2^31). Branch-free, as above.
 MAR_HD uint8_t e2m1_encode(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 28) & 0x8u;
@@ -53,7 +62,7 @@ MAR_HD uint8_t e2m1_encode(float x) {
   const uint32_t normal = ((a + 0x1fffffu + ((a >> 22) & 1u)) >> 22) - (126u << 1);
   // < 1, subnormal e2m1: multiples of 0.5, rounded like e4m3's above (2 is 1.0).
   const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 2.0f), 8388608.0f)) - 0x4b000000u;
-  const uint32_t q = a > 0x7f800000u ? 7u : (a >= 0x3f800000u ? (normal > 7u ? 7u : normal) : sub);
+  const uint32_t q = a >= 0x3f800000u ? (normal > 7u ? 7u : normal) : sub;
   return uint8_t(sign | q);
 }
 
@@ -75,14 +84,13 @@ MAR_HD float ue8m0_round(float s) {
   return bits_f32(u);
 }
 
-// FP8 code of one element given the reciprocal of its dequant scale.
-MAR_HD uint8_t fp8_code(float q, float inv_scale) {
-  return e4m3_encode(sat(mul_rn(q, inv_scale), kFp8Max));
-}
+// FP8 code of one element given the reciprocal of its dequant scale:
+// e4m3(sat(q * inv_scale, 448)), e4m3_encode saturating.
+MAR_HD uint8_t fp8_code(float q, float inv_scale) { return e4m3_encode(mul_rn(q, inv_scale)); }
 
-// NVFP4 block scale code: e4m3(sat(g * (vmax / 6), 448)).
+// NVFP4 block scale code: e4m3(sat(g * (vmax / 6), 448)), e4m3_encode saturating.
 MAR_HD uint8_t nvfp4_scale_code(float vmax, float global_scale) {
-  return e4m3_encode(sat(mul_rn(global_scale, div_rn(vmax, kFp4Max)), kFp8Max));
+  return e4m3_encode(mul_rn(global_scale, div_rn(vmax, kFp4Max)));
 }
 
 // Multiplier applied to a block's values: g / f32(sf), or 0 when sf is 0.
@@ -91,9 +99,8 @@ MAR_HD float nvfp4_out_scale(uint8_t sf_code, float global_scale) {
   return sf == 0.0f ? 0.0f : div_rn(global_scale, sf);
 }
 
-MAR_HD uint8_t nvfp4_code(float q, float out_scale) {
-  return e2m1_encode(sat(mul_rn(q, out_scale), kFp4Max));
-}
+// e2m1(sat(q * out_scale, 6)): e2m1_encode saturates.
+MAR_HD uint8_t nvfp4_code(float q, float out_scale) { return e2m1_encode(mul_rn(q, out_scale)); }
 
 // ---- layouts ------------------------------------------------------------
 MAR_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -101,8 +108,11 @@ MAR_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Byte offset of block scale (row m, block b) in the swizzled 128x4 layout,
 // Kt = ceil(H / 64) tiles of 4 blocks per 128-row band:
 //   (m/128)*Kt*512 + (b/4)*512 + (m%32)*16 + ((m%128)/32)*4 + b%4
-MAR_HD int64_t swizzled_128x4_offset(int64_t m, int64_t b, int64_t H) {
-  int64_t kt = (H + 63) / 64;
+// In the integer type of its arguments: int64_t on the host, uint32_t in the
+// kernels (whose arrays stay under 2^31 elements), where it is shifts and masks.
+template <typename I>
+MAR_HD I swizzled_128x4_offset(I m, I b, I H) {
+  const I kt = (H + 63) / 64;
   return (m / 128) * kt * 512 + (b / 4) * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4 + (b % 4);
 }
 
