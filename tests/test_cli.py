@@ -375,8 +375,8 @@ def test_bench_scatter_times_the_reduce_scatter_variant(tmp_path):
     """`bench --scatter`: rows of the reduce-scatter variant against the psum_scatter
     composition, M not divisible by N skipped, the floor half an all-reduce's."""
     # CPU devices asked for: on a machine with one GPU, `auto` would pick it and find no pair.
-    proc = run_cli("bench", "--platform", "cpu", "--scatter", "--ranks", "2", "--M", "2,3", "--quant", "none",
-                   "--chain", "2", "--reps", "1", "--warmup", "1", "--out", str(tmp_path),
+    proc = run_cli("bench", "--platform", "cpu", "--scatter", "--ranks", "2", "--M", "2,3",
+                   "--quant", "none", "--chain", "2", "--reps", "1", "--warmup", "1", "--out", str(tmp_path),
                    timeout=300)
     assert proc.returncode == 0, _explain(proc)
     data = json.loads((tmp_path / "bench.json").read_text())

@@ -50,9 +50,10 @@ MAR_HD float e4m3_decode(uint8_t c) {
 // infinities included, gives 6's code 7, which is SPEC §3's sat(x, 6) followed by
 // the encoding, so callers need not saturate first. NaN has no code in e2m1: it
 // gives 0x7 with x's sign (SPEC §3: codes of a block holding NaN are
-// unspecified). Both come from the normal branch: a magnitude's bits of 6.5 or
-// more (Inf and NaN too) make its code 8 or more, clamped to 7, so no compare
-// for them (no overflow: the bits are below 2^31). Branch-free, as above.
+// unspecified). Both come from the normal branch, with no compare of their own:
+// magnitudes from 6 to 7 round to 6's code 7, and a magnitude of 7 or more (the
+// bits of Inf and NaN too) gives a code of 8 or more, clamped to 7 (no overflow:
+// the bits are below 2^31). Branch-free, as above.
 MAR_HD uint8_t e2m1_encode(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 28) & 0x8u;
