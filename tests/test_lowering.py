@@ -249,19 +249,26 @@ def test_cuda_lowering_chained_layers():
 
 def test_cuda_lowering_group_of_one():
     """A forced fused algorithm is the kernel (no collective); `auto` takes the plain-JAX
-    path for a group of one, where XLA's own fusions measured faster (workspace.py)."""
+    path for a group of one where XLA's own fusions measured faster (few rows), the kernel
+    from the measured crossover up (workspace.py)."""
     text = cuda_text(N1, algorithm="oneshot")
     assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
     assert FUSED not in cuda_text(N1)
+    assert FUSED not in cuda_text(N1, M=32, H=7168)
+    text = cuda_text(N1, M=128, H=7168)
+    assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
 
 
 def test_auto_follows_the_measured_table():
     """`auto` is never the fused kernel where the committed measurements show it slower
-    than "xla" (SPEC §5; the table and its sources: workspace.AUTO_XLA_FROM_BYTES)."""
+    than "xla" (SPEC §5; the tables and their sources: workspace.AUTO_XLA_BELOW_BYTES and
+    AUTO_XLA_FROM_BYTES)."""
     from jax_moe_ar import workspace
     H, b = 7168, 2
     xla = workspace.auto_prefers_xla
-    assert all(xla(1, M * H * b, q) for M in (1, 32, 2048) for q in (False, True))
+    # A group of one (v13): "xla" below M = 115 at H = 7168 bf16, with or without quant.
+    assert all(xla(1, M * H * b, q) for M in (0, 1, 32, 114) for q in (False, True))
+    assert not any(xla(1, M * H * b, q) for M in (115, 128, 2048, 8192) for q in (False, True))
     assert not any(xla(2, M * H * b, q) for M in (1, 2048, 8192) for q in (False, True))
     for n in (3, 4, 8):
         assert not xla(n, 512 * H * b, False) and not xla(n, 512 * H * b, True)

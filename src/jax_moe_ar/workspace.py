@@ -37,26 +37,33 @@ ALGO_ONESHOT, ALGO_TWOSHOT = ALGORITHMS["oneshot"], ALGORITHMS["twoshot"]
 TWOSHOT_MIN_BYTES = 704 * 1024
 
 # `auto` takes the plain-JAX ("xla") path where the project's last committed
-# measurements show the fused kernel slower than "xla" (SPEC §5), by group size: the
-# bytes of one rank's partial (M * H * bytes(T)) from which "xla" wins, without and with
-# quantized outputs; None where the fused kernel won at every size measured. From
-# docs/perf.md (the multi-GPU issue re-derives the rows for groups of two and more):
-#   1 rank (v6, 1xH200): the kernel alone (harness, graph replay) took 5.5, 6.3, 15.6 and
-#     178 us at M = 1, 32, 128 and 2048 (H = 7168 bf16), where the "xla" program took
-#     2.2, 4.0, 7.1 and 80 us per call (bench, 2026-12-01): slower at every M.
+# measurements show the fused kernel slower than "xla" (SPEC §5), by group size, from
+# the bytes of one rank's partial (M * H * bytes(T)), without and with quantized
+# outputs: "xla" below AUTO_XLA_BELOW_BYTES and from AUTO_XLA_FROM_BYTES (None: the
+# fused kernel won at every larger size measured). From docs/perf.md (the multi-GPU
+# issue re-derives the rows for groups of two and more):
+#   1 rank (v13 bench, 1xH200, H = 7168 bf16, every call's outputs kept live): fused
+#     against the faster "xla" column 0.74x, 0.89x, 1.02x, 1.12x at M = 1, 32, 128, 2048
+#     without quant, the gap zero near M = 114 (1,600 KiB); with NVFP4 0.93x, 1.53x,
+#     1.26x, 1.27x, zero near M = 5, but FP8 was not measured: quantized outputs take the
+#     unquantized threshold (FP8's fused tail costs less than NVFP4's, its "xla" quantizer
+#     more than nothing). Below it a call is bound by the host's launches (perf.md v13).
 #   2 ranks (v4 bench, 2xH200): fused 1.02-2.46x "xla" at every M and format.
 #   3+ ranks (v3 bench, 4xH200, two-shot): without quant 1.19x at M = 512 and 0.95x at
 #     2048, the gap zero near M = 1700 (24 MiB at H = 7168 bf16); with FP8 or NVFP4
 #     outputs 1.05-1.07x at 512 and 0.77-0.78x at 2048, zero near M = 800 (11 MiB).
-AUTO_XLA_FROM_BYTES = {1: (0, 0), 2: (None, None)}
+AUTO_XLA_BELOW_BYTES = {1: (1600 << 10, 1600 << 10)}
+AUTO_XLA_FROM_BYTES = {1: (None, None), 2: (None, None)}
 AUTO_XLA_FROM_BYTES_MANY = (24 << 20, 11 << 20)
 
 
 def auto_prefers_xla(ranks: int, partial_bytes: int, quantized: bool) -> bool:
     """Whether `auto` runs "xla" for a group of `ranks` whose per-rank partial holds
     `partial_bytes` (static shapes only: every rank decides alike)."""
-    limits = AUTO_XLA_FROM_BYTES.get(ranks, AUTO_XLA_FROM_BYTES_MANY)
-    limit = limits[1 if quantized else 0]
+    q = 1 if quantized else 0
+    if partial_bytes < AUTO_XLA_BELOW_BYTES.get(ranks, (0, 0))[q]:
+        return True
+    limit = AUTO_XLA_FROM_BYTES.get(ranks, AUTO_XLA_FROM_BYTES_MANY)[q]
     return limit is not None and partial_bytes >= limit
 
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
