@@ -46,8 +46,9 @@ TWOSHOT_MIN_BYTES = 704 * 1024
 #     against the faster "xla" column 0.74x, 0.89x, 1.02x, 1.12x at M = 1, 32, 128, 2048
 #     without quant, the gap zero near M = 114 (1,600 KiB); with NVFP4 0.93x, 1.53x,
 #     1.26x, 1.27x, zero near M = 5, but FP8 was not measured: quantized outputs take the
-#     unquantized threshold (FP8's fused tail costs less than NVFP4's, its "xla" quantizer
-#     more than nothing). Below it a call is bound by the host's launches (perf.md v13).
+#     unquantized threshold (FP8's fused tail costs less than NVFP4's, and its "xla"
+#     composition more than the unquantized one). Below the threshold a call is bound by
+#     the host's launches (perf.md v13).
 #   2 ranks (v4 bench, 2xH200): fused 1.02-2.46x "xla" at every M and format.
 #   3+ ranks (v3 bench, 4xH200, two-shot): without quant 1.19x at M = 512 and 0.95x at
 #     2048, the gap zero near M = 1700 (24 MiB at H = 7168 bf16); with FP8 or NVFP4
