@@ -334,7 +334,10 @@ struct CallState {
   // not in begin_call: a warp issues in order, so a use of the epoch right after
   // its load held every later instruction, the first input loads with them, for
   // the load's whole latency (ncu, 1xH200, M = 1: the most stalled instruction
-  // before the expert rows; docs/perf.md v12).
+  // before the expert rows; docs/perf.md v12). That holds in the one-vector
+  // kernels; the 128-register many-rows kernels keep the counters in uniform
+  // registers, moved there right after their load whatever the source does
+  // (docs/perf.md v13 §3).
   __device__ __forceinline__ uint64_t slot0(int nranks) const {
     return uint64_t(epoch % kNumBuffers) * uint64_t(nranks);
   }
