@@ -158,3 +158,20 @@ def test_chain_check_catches_a_kernel_that_reads_early(harness_without_wait):
                            "--timeout", "5"], capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "CHAIN FAIL" in out, out[-4000:]
+
+
+def test_floors_and_host_cost_lines(harness):
+    """`--floors 1` prints the launch, memory and protocol floors beside the op, and
+    `--host 1` the host's µs per launch call: every figure a positive number, and the op's
+    launch at least its own plan's cost."""
+    out = _run(harness, "--ranks", 2, "--M", 1, "--floors", 1, "--host", 1)
+    floors = re.search(r"floors \(plain, µs, slowest rank\): launch ([\d.]+) \(PDL ([\d.]+)\) \| "
+                       r"memory ([\d.]+) \(PDL ([\d.]+);.*\| protocol ([\d.]+) \| op ([\d.]+)", out)
+    assert floors, out[-4000:]
+    assert all(float(v) > 0 for v in floors.groups()), floors.group(0)
+    host = re.search(r"host µs per launch call \(rank 0\): op ([\d.]+) \| its plan ([\d.]+) \| "
+                     r"empty kernel of the op's shape: with PDL ([\d.]+), without ([\d.]+), "
+                     r"nor cluster ([\d.]+)", out)
+    assert host, out[-4000:]
+    op, plan, *empty = map(float, host.groups())
+    assert plan > 0 and op > plan and all(e > 0 for e in empty), host.group(0)

@@ -27,6 +27,10 @@
 //   --chain C    then runs C calls in one graph, each reading the residual its
 //                predecessor wrote, and requires the last call's outputs to
 //                equal the CPU path's run of the same chain (chain.h).
+//   --host 1     also prints the host's time per launch call (rank 0): the op's
+//                launch_fused, its plan alone, and an empty kernel launched with
+//                the op's shape and PDL and with neither. Without a CUDA graph
+//                (as XLA runs a custom call by default) a call costs at least this.
 // Exit status 1 when a check fails or a kernel reports a failure.
 //
 // Build: scripts/harness/build.sh (the CMake target `harness`). Examples:
@@ -37,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -61,7 +66,7 @@ void usage() {
                "fp8_per_group|nvfp4] [--group-size g]\n"
                "        [--virtual 0|1] [--check 0|1] [--verify 0|1] [--floors 0|1] [--graph 0|1]\n"
                "        [--timeout seconds (bound of every wait, default 10)] [--scatter 0|1]\n"
-               "        [--prefix rows] [--chain calls]\n");
+               "        [--prefix rows] [--chain calls] [--host 0|1]\n");
   std::exit(2);
 }
 
@@ -89,6 +94,7 @@ Options parse(int argc, char** argv) {
     else if (k == "--scatter") o.scatter = std::atoi(v) != 0;
     else if (k == "--prefix") o.prefix = std::atoi(v);
     else if (k == "--chain") o.chain = std::atoi(v);
+    else if (k == "--host") o.host = std::atoi(v) != 0;
     else usage();
   }
   if (o.ranks < 1 || o.ranks > int(mar::kMaxRanks) || o.M < 1 || o.H % 16 != 0 || o.K < 1 ||
@@ -356,6 +362,41 @@ int main(int argc, char** argv) {
                 o.graph ? "graph" : "plain", launch_us, launch_pdl_us, memory_us, memory_pdl_us, in_vecs[0] * 16,
                 out_vecs[0] * 16, floor_ws ? std::to_string(protocol_us).substr(0, 5).c_str() : "-", op_us,
                 op_us / largest);
+  }
+  if (o.host) {
+    // Host µs per call of f on rank 0's stream: the fastest of 5 runs of 100 calls,
+    // each run from an idle stream (100 launches stay well inside the launch queue).
+    const auto host_us = [&](const std::function<void()>& f) {
+      rk.set(0);
+      double best = 1e30;
+      for (int run = 0; run < 5; ++run) {
+        check(cudaStreamSynchronize(rk.streams[0]), "synchronize");
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < 100; ++i) f();
+        const auto t1 = std::chrono::steady_clock::now();
+        best = std::min(best, std::chrono::duration<double, std::micro>(t1 - t0).count() / 100);
+      }
+      check(cudaStreamSynchronize(rk.streams[0]), "synchronize");
+      return best;
+    };
+    const mar::LayerArgs& a0 = o.scatter ? scatter[0] : args[0][0];
+    const double op_host = host_us([&] {
+      check(mar::launch_fused(mar::DType::kBF16, a0, *views[0], algos[0], rk.streams[0]), "launch");
+    });
+    volatile int sink = 0;
+    const double plan_host = host_us([&] {
+      sink = sink + mar::fused_launch_shape(mar::DType::kBF16, a0, *views[0], algos[0]).grid;
+    });
+    const auto empty_host = [&](const mar::LaunchShape& s, bool pdl) {
+      const void* k = pdl ? reinterpret_cast<const void*>(&empty_kernel<true>)
+                          : reinterpret_cast<const void*>(&empty_kernel<false>);
+      return host_us([&] { check(launch_floor(k, s, pdl, rk.streams[0], nullptr), "empty launch"); });
+    };
+    mar::LaunchShape bare = shape;
+    bare.cluster = 1;
+    std::printf("host µs per launch call (rank 0): op %.2f | its plan %.2f | empty kernel of the op's shape: "
+                "with PDL %.2f, without %.2f, nor cluster %.2f\n",
+                op_host, plan_host, empty_host(shape, true), empty_host(shape, false), empty_host(bare, false));
   }
   // With $JAX_MOE_AR_TRACE set: block 0's phase times of each rank's last call.
   for (const auto& t : mar::runtime::read_traces()) {

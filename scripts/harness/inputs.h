@@ -19,7 +19,7 @@ namespace harness {
 
 struct Options {
   int ranks = 2, M = 1, H = 7168, K = 8, iters = 1000, warmup = 50, group_size = 128;
-  bool virtual_ranks = false, check = false, verify = false, floors = false, graph = true;
+  bool virtual_ranks = false, check = false, verify = false, floors = false, graph = true, host = false;
   bool scatter = false;  // time the reduce-scatter variant; check it against the all-reduce
   int prefix = 0;        // > 0: check the first `prefix` rows against a call of only those rows
   int chain = 0;         // > 0: check a graph of `chain` calls, each on its predecessor's residual_out
