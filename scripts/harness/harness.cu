@@ -27,9 +27,9 @@
 //   --chain C    then runs C calls in one graph, each reading the residual its
 //                predecessor wrote, and requires the last call's outputs to
 //                equal the CPU path's run of the same chain (chain.h).
-//   --host 1     also prints the host's time per launch call (rank 0): the op's
-//                launch_fused, its plan alone, and an empty kernel launched with
-//                the op's shape and PDL and with neither. Without a CUDA graph
+//   --host 1     also prints the host's time per launch call: the op's
+//                launch_fused (every rank's), its plan alone, and an empty kernel
+//                launched with the op's shape and PDL and without. Without a CUDA graph
 //                (as XLA runs a custom call by default) a call costs at least this.
 // Exit status 1 when a check fails or a kernel reports a failure.
 //
@@ -364,28 +364,40 @@ int main(int argc, char** argv) {
                 op_us / largest);
   }
   if (o.host) {
-    // Host µs per call of f on rank 0's stream: the fastest of 5 runs of 100 calls,
-    // each run from an idle stream (100 launches stay well inside the launch queue).
+    // Host µs per launch call: the fastest of 5 runs of 100 calls, each run from idle
+    // streams (100 launches stay well inside the launch queue). The op is launched on
+    // every rank in turn, as a call is (a rank launched alone would wait for its peers
+    // until the wait bound poisons the workspace), and its time divided by the ranks.
+    const size_t n = rk.devs.size();
     const auto host_us = [&](const std::function<void()>& f) {
-      rk.set(0);
       double best = 1e30;
       for (int run = 0; run < 5; ++run) {
-        check(cudaStreamSynchronize(rk.streams[0]), "synchronize");
+        for (size_t r = 0; r < n; ++r) {
+          rk.set(r);
+          check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+        }
         const auto t0 = std::chrono::steady_clock::now();
         for (int i = 0; i < 100; ++i) f();
         const auto t1 = std::chrono::steady_clock::now();
         best = std::min(best, std::chrono::duration<double, std::micro>(t1 - t0).count() / 100);
       }
-      check(cudaStreamSynchronize(rk.streams[0]), "synchronize");
+      for (size_t r = 0; r < n; ++r) {
+        rk.set(r);
+        check(cudaStreamSynchronize(rk.streams[r]), "synchronize");
+      }
+      rk.set(0);
       return best;
     };
-    const mar::LayerArgs& a0 = o.scatter ? scatter[0] : args[0][0];
+    auto call_args = [&](size_t r) -> const mar::LayerArgs& { return o.scatter ? scatter[r] : args[0][r]; };
     const double op_host = host_us([&] {
-      check(mar::launch_fused(mar::DType::kBF16, a0, *views[0], algos[0], rk.streams[0]), "launch");
-    });
+      for (size_t r = 0; r < n; ++r) {
+        rk.set(r);
+        check(mar::launch_fused(mar::DType::kBF16, call_args(r), *views[r], algos[0], rk.streams[r]), "launch");
+      }
+    }) / double(n);
     volatile int sink = 0;
     const double plan_host = host_us([&] {
-      sink = sink + mar::fused_launch_shape(mar::DType::kBF16, a0, *views[0], algos[0]).grid;
+      sink = sink + mar::fused_launch_shape(mar::DType::kBF16, call_args(0), *views[0], algos[0]).grid;
     });
     const auto empty_host = [&](const mar::LaunchShape& s, bool pdl) {
       const void* k = pdl ? reinterpret_cast<const void*>(&empty_kernel<true>)
@@ -394,8 +406,8 @@ int main(int argc, char** argv) {
     };
     mar::LaunchShape bare = shape;
     bare.cluster = 1;
-    std::printf("host µs per launch call (rank 0): op %.2f | its plan %.2f | empty kernel of the op's shape: "
-                "with PDL %.2f, without %.2f, nor cluster %.2f\n",
+    std::printf("host µs per launch call (the op's: every rank's, averaged; the others on rank 0): op %.2f | "
+                "its plan %.2f | empty kernel of the op's shape: with PDL %.2f, without %.2f, nor cluster %.2f\n",
                 op_host, plan_host, empty_host(shape, true), empty_host(shape, false), empty_host(bare, false));
   }
   // With $JAX_MOE_AR_TRACE set: block 0's phase times of each rank's last call.
