@@ -61,6 +61,15 @@ MAR_HD float add_rn(float a, float b) {
   return a + b;
 #endif
 }
+// a * b + c with one rounding. Used only where the product is exact (a power-of-two
+// multiple), so that it equals add_rn(mul_rn(a, b), c) in one instruction.
+MAR_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 MAR_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);

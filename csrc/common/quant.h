@@ -19,8 +19,9 @@ constexpr int kFp4Block = 16;       // NVFP4 elements per scale
 // followed by the encoding, so callers need not saturate first (one integer min
 // on the magnitude's bits instead of two compares and two selects per element).
 // NaN maps to the NaN code 0x7f with x's sign. Branch-free: both candidate
-// codes are computed and one is selected.
-MAR_HD uint8_t e4m3_encode(float x) {
+// codes are computed and one is selected. The code comes in the low 8 bits of a
+// 32-bit word (the rest zero), so that packing needs no narrowing masks.
+MAR_HD uint32_t e4m3_encode(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t a = u & 0x7fffffffu;
@@ -32,9 +33,10 @@ MAR_HD uint8_t e4m3_encode(float x) {
   const uint32_t normal = ((s + 0x7ffffu + ((s >> 20) & 1u)) >> 20) - (120u << 3);
   // < 2^-6, subnormal e4m3: multiples of 2^-9. |x| * 2^9 < 8 is exact, and
   // adding 2^23 rounds it to an integer (nearest even); 8 is the smallest normal.
-  const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 512.0f), 8388608.0f)) - 0x4b000000u;
+  // (One fma: the product is exact, so the sum is the one rounding.)
+  const uint32_t sub = f32_bits(fma_rn(abs_f32(x), 512.0f, 8388608.0f)) - 0x4b000000u;
   const uint32_t q = a > 0x7f800000u ? 0x7fu : (a >= 0x3c800000u ? normal : sub);
-  return uint8_t(sign | q);
+  return sign | q;
 }
 
 MAR_HD float e4m3_decode(uint8_t c) {
@@ -62,9 +64,9 @@ MAR_HD uint8_t e2m1_encode(float x) {
   // rounded to nearest even, exponent rebiased from 127 to 1; 6 is code 7.
   const uint32_t normal = ((a + 0x1fffffu + ((a >> 22) & 1u)) >> 22) - (126u << 1);
   // < 1, subnormal e2m1: multiples of 0.5, rounded like e4m3's above (2 is 1.0).
-  const uint32_t sub = f32_bits(add_rn(mul_rn(abs_f32(x), 2.0f), 8388608.0f)) - 0x4b000000u;
+  const uint32_t sub = f32_bits(fma_rn(abs_f32(x), 2.0f, 8388608.0f)) - 0x4b000000u;
   const uint32_t q = a >= 0x3f800000u ? (normal > 7u ? 7u : normal) : sub;
-  return uint8_t(sign | q);
+  return sign | q;
 }
 
 MAR_HD float e2m1_decode(uint8_t c) {
@@ -87,21 +89,34 @@ MAR_HD float ue8m0_round(float s) {
 
 // FP8 code of one element given the reciprocal of its dequant scale:
 // e4m3(sat(q * inv_scale, 448)), e4m3_encode saturating.
-MAR_HD uint8_t fp8_code(float q, float inv_scale) { return e4m3_encode(mul_rn(q, inv_scale)); }
+MAR_HD uint32_t fp8_code(float q, float inv_scale) { return e4m3_encode(mul_rn(q, inv_scale)); }
 
 // NVFP4 block scale code: e4m3(sat(g * (vmax / 6), 448)), e4m3_encode saturating.
-MAR_HD uint8_t nvfp4_scale_code(float vmax, float global_scale) {
+MAR_HD uint32_t nvfp4_scale_code(float vmax, float global_scale) {
   return e4m3_encode(mul_rn(global_scale, div_rn(vmax, kFp4Max)));
 }
 
 // Multiplier applied to a block's values: g / f32(sf), or 0 when sf is 0.
-MAR_HD float nvfp4_out_scale(uint8_t sf_code, float global_scale) {
-  float sf = e4m3_decode(sf_code);
+MAR_HD float nvfp4_out_scale(uint32_t sf_code, float global_scale) {
+  const float sf = e4m3_decode(uint8_t(sf_code));  // a code is one byte
   return sf == 0.0f ? 0.0f : div_rn(global_scale, sf);
 }
 
-// e2m1(sat(q * out_scale, 6)): e2m1_encode saturates.
-MAR_HD uint8_t nvfp4_code(float q, float out_scale) { return e2m1_encode(mul_rn(q, out_scale)); }
+// e2m1(sat(q * out_scale, 6)) in the low 4 bits: e2m1_encode saturates.
+MAR_HD uint32_t nvfp4_code(float q, float out_scale) { return e2m1_encode(mul_rn(q, out_scale)); }
+
+// The codes of n consecutive values of one block (n even, at most 8) as SPEC §3's
+// bytes, little-endian: value j's code in bits 4j .. 4j + 3, so byte j / 2 is
+// code(j) | code(j + 1) << 4. The fields are disjoint, so each code is added in (one
+// shift-and-add on the device) rather than or-ed after a shift.
+template <int n>
+MAR_HD uint32_t nvfp4_pack(const float* q, float out_scale) {
+  static_assert(n % 2 == 0 && n <= 8, "n codes of 4 bits fill at most one 32-bit word");
+  uint32_t w = 0;
+  MAR_UNROLL
+  for (int j = 0; j < n; ++j) w += nvfp4_code(q[j], out_scale) << (4 * j);
+  return w;
+}
 
 // ---- layouts ------------------------------------------------------------
 MAR_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -107,12 +107,13 @@ void quantize_row(const LayerArgs& a, int64_t m, const float* q) {
         const float* v = q + b * kFp4Block;
         float vmax = 0.0f;
         for (int j = 0; j < kFp4Block; ++j) vmax = nan_max(vmax, abs_f32(v[j]));
-        const uint8_t sf = nvfp4_scale_code(vmax, g);
+        const uint8_t sf = uint8_t(nvfp4_scale_code(vmax, g));
         const float os = nvfp4_out_scale(sf, g);
         sf_out[c.has(kFp4Swizzled) ? swizzled_128x4_offset(m, b, H) : m * nb + b] = sf;
-        for (int j = 0; j < kFp4Block; j += 2) {
-          codes[m * (H / 2) + (b * kFp4Block + j) / 2] =
-              uint8_t(nvfp4_code(v[j], os) | (nvfp4_code(v[j + 1], os) << 4));
+        for (int j = 0; j < kFp4Block; j += 8) {  // 8 codes: 4 bytes, little-endian
+          const uint32_t w = nvfp4_pack<8>(v + j, os);
+          uint8_t* out = codes + m * (H / 2) + (b * kFp4Block + j) / 2;
+          for (int k = 0; k < 4; ++k) out[k] = uint8_t(w >> (8 * k));
         }
       }
       break;

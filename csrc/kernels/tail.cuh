@@ -86,6 +86,7 @@ struct TailState {
   // only in the tail, for the same reason.
   float quant_scale = 0.0f;
   int lanes = 0;            // lanes per scale group (quantize_lanes), 0: staged
+  bool os_table_filled = false;  // NVFP4, several vectors per thread: row_tail's table
   // One vector per thread (few rows, latency): this thread's gamma, the same for
   // every row, loaded once per call right after the wait for the predecessor
   // (fused.cu, tail_state), unpacked where the tail uses it. Loaded in the tail,
@@ -134,7 +135,7 @@ template <int V>
 __device__ __forceinline__ void store_fp8_codes(uint8_t* out, const float (&q)[V], float inv) {
   uint32_t w[V / 4] = {};
 #pragma unroll
-  for (int j = 0; j < V; ++j) w[j / 4] |= uint32_t(fp8_code(q[j], inv)) << (8 * (j % 4));
+  for (int j = 0; j < V; ++j) w[j / 4] += fp8_code(q[j], inv) << (8 * (j % 4));  // disjoint bytes
   if constexpr (V == 8) *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
   else *reinterpret_cast<uint32_t*>(out) = w[0];
 }
@@ -209,6 +210,23 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_sq[i] = add_square(sum_sq[i], f[j]);
   }
+  // NVFP4 with several vectors per thread (throughput): a block's out-scale
+  // g / f32(sf) takes one of 256 values, one per scale code, so the block divides
+  // once per code and call, into a table, instead of decoding and dividing per
+  // vector (the same division: nvfp4_out_scale). Filled before the first row's
+  // reduction, whose __syncthreads (C == 1) publishes it; written once per call.
+  const float* os_table = nullptr;
+  if constexpr (Q == QuantKind::kNvFp4 && VPT > 1) {
+    __shared__ float table[256];
+    if (C == 1) {
+      if (!ts.os_table_filled) {
+        for (uint32_t code = threadIdx.x; code < 256u; code += blockDim.x)
+          table[code] = nvfp4_out_scale(code, ts.quant_scale);
+        ts.os_table_filled = true;
+      }
+      os_table = table;
+    }
+  }
   const double total = cluster_reduce<VPT>(sum_sq, sh.sum, ts.reduced_d, C, Sum{}, ts.entry);
   const float inv = rms_inv(total, H, c.eps);
   // q = f32(norm_out) of vector i (an active one); returns its amax.
@@ -259,20 +277,18 @@ __device__ void row_tail(const LayerArgs& a, TailPlace at, const Vectors<VPT>& v
         break;
       }
       case QuantKind::kNvFp4: {
+        constexpr int kLanes = kFp4Block / V;  // quantize_lanes, known here: no loop
         const float gsc = ts.quant_scale;
-        const uint8_t sf = nvfp4_scale_code(lanes_nan_max(amax, ts.lanes), gsc);
+        const uint32_t sf = nvfp4_scale_code(lanes_nan_max(amax, kLanes), gsc);
         if (!active) break;
-        const float os = nvfp4_out_scale(sf, gsc);
-        uint32_t w = 0;
-#pragma unroll
-        for (int j = 0; j < V; j += 2)
-          w |= (nvfp4_code(q[j], os) | (nvfp4_code(q[j + 1], os) << 4)) << (4 * j);
+        const float os = os_table ? os_table[sf] : nvfp4_out_scale(sf, gsc);
+        const uint32_t w = nvfp4_pack<V>(q, os);
         uint8_t* out = codes + uint64_t(at.m) * (H / 2) + v * (V / 2);
         if constexpr (V == 8) *reinterpret_cast<uint32_t*>(out) = w;
         else *reinterpret_cast<uint16_t*>(out) = uint16_t(w);
         uint8_t* sf_out = static_cast<uint8_t*>(a.scale_out);
         const uint32_t b = v * V / kFp4Block;  // this vector's 16-element block
-        if ((v & uint32_t(ts.lanes - 1)) == 0) sf_out[scale_index(c, H, at, b)] = sf;
+        if ((v & uint32_t(kLanes - 1)) == 0) sf_out[scale_index(c, H, at, b)] = uint8_t(sf);
         // The swizzled layout pads each row to a multiple of 4 blocks with zeros:
         // the thread of the row's last block writes them.
         if (c.has(kFp4Swizzled) && (v + 1) * V == H) {
