@@ -27,7 +27,7 @@ from jax.interpreters import mlir
 from . import multiprocess, reference, workspace
 from . import quant as qm
 from ._contract import OP_FLAGS, TARGETS, _native
-from .quant import KIND_NONE, FusedOutputs, QuantStatic
+from .quant import KIND_NAMES, KIND_NONE, FusedOutputs, QuantStatic
 
 TARGET_FUSED = TARGETS["fused"]
 TARGET_CPU_FINALIZE = TARGETS["cpu_finalize"]
@@ -287,7 +287,8 @@ def _cuda_lowering(ctx, *args, cfg: OpConfig):
                 "XLA ops and lax.psum on CUDA, and is portable).")
         return _fallback(ctx, args, cfg, EXPORT_REASON + "; the exported program uses it instead")
     if cfg.algorithm == "auto" and workspace.auto_prefers_xla(
-            _group_size(ctx, cfg), M * H * T.itemsize, cfg.quant is not None):
+            _group_size(ctx, cfg), M * H * T.itemsize,
+            KIND_NAMES[cfg.quant.kind] if cfg.quant is not None else "none"):
         return _xla_lowering(ctx, *args, cfg=cfg)  # measured faster here: a choice, no warning
     largest = max(int(np.prod(a.shape)) for a in ctx.avals_in)
     plan = workspace.plan(ctx.module_context.axis_context, cfg.axes, M, H, T, cfg.algorithm,

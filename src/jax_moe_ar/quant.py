@@ -26,6 +26,7 @@ KIND_FP8_STATIC = QUANT_KINDS["fp8_static"]
 KIND_FP8_PER_TOKEN = QUANT_KINDS["fp8_per_token"]
 KIND_FP8_PER_GROUP = QUANT_KINDS["fp8_per_group"]
 KIND_NVFP4 = QUANT_KINDS["nvfp4"]
+KIND_NAMES = {kind: name for name, kind in QUANT_KINDS.items()}
 
 
 def checked_scale(owner: str, field: str, value):

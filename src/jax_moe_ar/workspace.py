@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from . import multiprocess
-from ._contract import ALGORITHMS, LIMITS, _native
+from ._contract import ALGORITHMS, LIMITS, QUANT_KINDS, _native
 
 MAX_GROUP = LIMITS["max_ranks"]          # ranks per group the kernel supports
 MAX_ROW_BYTES = LIMITS["max_row_bytes"]  # one row of T per block
@@ -37,34 +37,47 @@ ALGO_ONESHOT, ALGO_TWOSHOT = ALGORITHMS["oneshot"], ALGORITHMS["twoshot"]
 TWOSHOT_MIN_BYTES = 704 * 1024
 
 # `auto` takes the plain-JAX ("xla") path where the project's last committed
-# measurements show the fused kernel slower than "xla" (SPEC §5), by group size, from
-# the bytes of one rank's partial (M * H * bytes(T)), without and with quantized
-# outputs: "xla" below AUTO_XLA_BELOW_BYTES and from AUTO_XLA_FROM_BYTES (None: the
-# fused kernel won at every larger size measured). From docs/perf.md (the multi-GPU
-# issue re-derives the rows for groups of two and more):
-#   1 rank (v13 bench, 1xH200, H = 7168 bf16, every call's outputs kept live): fused
-#     against the faster "xla" column 0.74x, 0.89x, 1.02x, 1.12x at M = 1, 32, 128, 2048
-#     without quant, the gap zero near M = 114 (1,600 KiB); with NVFP4 0.93x, 1.53x,
-#     1.26x, 1.27x, zero near M = 5, but FP8 was not measured: quantized outputs take the
-#     unquantized threshold (FP8's fused tail costs less than NVFP4's, and its "xla"
-#     composition more than the unquantized one). Below the threshold a call is bound by
-#     the host's launches (perf.md v13).
+# measurements show the fused kernel slower than "xla" (SPEC §5), by group size and
+# quant format ("none" without quantized outputs), from the bytes of one rank's partial
+# (M * H * bytes(T)): "xla" below AUTO_XLA_BELOW_BYTES and from AUTO_XLA_FROM_BYTES
+# (None: the fused kernel won at every larger size measured). From docs/perf.md (the
+# multi-GPU issue re-derives the rows for groups of two and more):
+#   1 rank (v13 and v14 benches, 1xH200, H = 7168 bf16, every call's outputs kept live;
+#     fused against the faster "xla" column at M = 1, 32, 64, 128, 256, 2048): below
+#     M = 256 a call is bound by the host's launches (perf.md v13) and the ratio moves by
+#     ~0.1 from run to run, so each threshold is where the ratio, averaged over the runs,
+#     last crosses 1 (linear between the measured M), rounded up:
+#       none          0.74/0.63, 0.89/0.89, 0.99, 1.02/0.89, 1.23, 1.12/1.10 -> M ~ 149 (2 MiB)
+#       fp8_static    0.88, 0.96, 0.85, 0.85, 1.08, 1.10                     -> M ~ 211 (3 MiB)
+#       fp8_per_token 1.11, 0.98, 1.11, 0.92, 1.21, 1.20                     -> M ~ 163 (2,304 KiB)
+#       fp8_per_group 1.04, 1.03, 1.05, 1.02, 1.22, 1.17                     -> every M (0)
+#       nvfp4         0.93/1.09, 1.53/1.58, 1.59, 1.26/1.27, 1.53, 1.27/1.31 -> M ~ 5 in v13 (72 KiB)
 #   2 ranks (v4 bench, 2xH200): fused 1.02-2.46x "xla" at every M and format.
 #   3+ ranks (v3 bench, 4xH200, two-shot): without quant 1.19x at M = 512 and 0.95x at
 #     2048, the gap zero near M = 1700 (24 MiB at H = 7168 bf16); with FP8 or NVFP4
 #     outputs 1.05-1.07x at 512 and 0.77-0.78x at 2048, zero near M = 800 (11 MiB).
-AUTO_XLA_BELOW_BYTES = {1: (1600 << 10, 1600 << 10)}
-AUTO_XLA_FROM_BYTES = {1: (None, None), 2: (None, None)}
-AUTO_XLA_FROM_BYTES_MANY = (24 << 20, 11 << 20)
 
 
-def auto_prefers_xla(ranks: int, partial_bytes: int, quantized: bool) -> bool:
+def _by_format(unquantized, quantized):
+    """A row of the tables: `unquantized` for "none", `quantized` for every format."""
+    return {name: unquantized if name == "none" else quantized for name in QUANT_KINDS}
+
+
+AUTO_XLA_BELOW_BYTES = {1: {"none": 2 << 20, "fp8_static": 3 << 20,
+                            "fp8_per_token": 2304 << 10, "fp8_per_group": 0,
+                            "nvfp4": 72 << 10}}
+AUTO_XLA_FROM_BYTES = {1: _by_format(None, None), 2: _by_format(None, None)}
+AUTO_XLA_FROM_BYTES_MANY = _by_format(24 << 20, 11 << 20)
+
+
+def auto_prefers_xla(ranks: int, partial_bytes: int, quant: str) -> bool:
     """Whether `auto` runs "xla" for a group of `ranks` whose per-rank partial holds
-    `partial_bytes` (static shapes only: every rank decides alike)."""
-    q = 1 if quantized else 0
-    if partial_bytes < AUTO_XLA_BELOW_BYTES.get(ranks, (0, 0))[q]:
+    `partial_bytes`, with quant format `quant` (a QUANT_KINDS name; "none" without
+    quantized outputs). Static shapes only: every rank decides alike."""
+    below = AUTO_XLA_BELOW_BYTES.get(ranks)
+    if below is not None and partial_bytes < below[quant]:
         return True
-    limit = AUTO_XLA_FROM_BYTES.get(ranks, AUTO_XLA_FROM_BYTES_MANY)[q]
+    limit = AUTO_XLA_FROM_BYTES.get(ranks, AUTO_XLA_FROM_BYTES_MANY)[quant]
     return limit is not None and partial_bytes >= limit
 
 TIMEOUT_ENV = "JAX_MOE_AR_TIMEOUT_S"
