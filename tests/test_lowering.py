@@ -255,7 +255,7 @@ def test_cuda_lowering_group_of_one():
     assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
     assert FUSED not in cuda_text(N1)
     assert FUSED not in cuda_text(N1, M=128, H=7168)
-    text = cuda_text(N1, M=160, H=7168)
+    text = cuda_text(N1, M=192, H=7168)
     assert len(custom_calls(text, FUSED)) == 1 and not collectives_in(text)
 
 
@@ -269,8 +269,8 @@ def test_auto_follows_the_measured_table():
     formats = ("none", "fp8_static", "fp8_per_token", "fp8_per_group", "nvfp4")
     quantized = formats[1:]
     # A group of one (v13-v14): "xla" below the format's crossing at H = 7168 bf16.
-    for q, first_fused in (("none", 147), ("fp8_static", 220), ("fp8_per_token", 165),
-                           ("fp8_per_group", 0), ("nvfp4", 6)):
+    for q, first_fused in (("none", 174), ("fp8_static", 220), ("fp8_per_token", 165),
+                           ("fp8_per_group", 0), ("nvfp4", 10)):
         assert all(xla(1, M * H * b, q) for M in (0, 1, 32, first_fused - 1) if M < first_fused)
         assert not any(xla(1, M * H * b, q) for M in (first_fused, 256, 2048, 8192))
     assert not any(xla(2, M * H * b, q) for M in (1, 2048, 8192) for q in formats)
@@ -279,7 +279,8 @@ def test_auto_follows_the_measured_table():
         assert all(xla(n, 2048 * H * b, q) for q in formats)
         assert not xla(n, 1024 * H * b, "none") and all(xla(n, 1024 * H * b, q) for q in quantized)
     # In a lowered program: the fused call where the table says so, plain JAX elsewhere.
-    assert FUSED not in cuda_text(N1, M=160, H=H, quant=Q.fp8_static(0.5))
+    assert FUSED not in cuda_text(N1, M=192, H=H, quant=Q.fp8_static(0.5))
+    assert FUSED in cuda_text(N1, M=192, H=H, quant=Q.fp8_per_group())
     assert FUSED in cuda_text(N1, M=32, H=H, quant=Q.nvfp4(1.0))
     assert FUSED in cuda_text(N4, M=512, H=H)
     assert FUSED not in cuda_text(N4, M=2048, H=H)

@@ -43,15 +43,18 @@ TWOSHOT_MIN_BYTES = 704 * 1024
 # (None: the fused kernel won at every larger size measured). From docs/perf.md (the
 # multi-GPU issue re-derives the rows for groups of two and more):
 #   1 rank (v13 and v14 benches, 1xH200, H = 7168 bf16, every call's outputs kept live;
-#     fused against the faster "xla" column at M = 1, 32, 64, 128, 256, 2048): below
-#     M = 256 a call is bound by the host's launches (perf.md v13) and the ratio moves by
-#     ~0.1 from run to run, so each threshold is where the ratio, averaged over the runs,
-#     last crosses 1 (linear between the measured M), rounded up:
-#       none          0.74/0.63, 0.89/0.89, 0.99, 1.02/0.89, 1.23, 1.12/1.10 -> M ~ 149 (2 MiB)
-#       fp8_static    0.88, 0.96, 0.85, 0.85, 1.08, 1.10                     -> M ~ 211 (3 MiB)
-#       fp8_per_token 1.11, 0.98, 1.11, 0.92, 1.21, 1.20                     -> M ~ 163 (2,304 KiB)
-#       fp8_per_group 1.04, 1.03, 1.05, 1.02, 1.22, 1.17                     -> every M (0)
-#       nvfp4         0.93/1.09, 1.53/1.58, 1.59, 1.26/1.27, 1.53, 1.27/1.31 -> M ~ 5 in v13 (72 KiB)
+#     fused against the faster "xla" column at M = 1, 32, 64, 128, 256, 2048; v13 had
+#     none and NVFP4 at 1, 32, 128, 2048). Below M = 256 a call is bound by the host's
+#     launches (perf.md v13) and the ratio moves by ~0.1 from run to run, so each
+#     threshold is the largest M at which any run's ratio crosses 1 (linear between the
+#     measured M), rounded up to 128 KiB of partial:
+#       none          v13 0.74 0.89 - 1.02 - 1.12 (M ~ 114); v14 0.63 0.89 0.99 0.89
+#                     1.23 1.10 (M ~ 169)                          -> 2,432 KiB (M >= 174)
+#       fp8_static    v14 0.88 0.96 0.85 0.85 1.08 1.10 (M ~ 211)  -> 3,072 KiB (M >= 220)
+#       fp8_per_token v14 1.11 0.98 1.11 0.92 1.21 1.20 (M ~ 163)  -> 2,304 KiB (M >= 165)
+#       fp8_per_group v14 1.04 1.03 1.05 1.02 1.22 1.17            -> 0 (every M)
+#       nvfp4         v13 0.93 1.53 - 1.26 - 1.27 (M ~ 5); v14 1.09 1.58 1.59 1.27 1.53
+#                     1.31                                         -> 128 KiB (M >= 10)
 #   2 ranks (v4 bench, 2xH200): fused 1.02-2.46x "xla" at every M and format.
 #   3+ ranks (v3 bench, 4xH200, two-shot): without quant 1.19x at M = 512 and 0.95x at
 #     2048, the gap zero near M = 1700 (24 MiB at H = 7168 bf16); with FP8 or NVFP4
@@ -63,9 +66,9 @@ def _by_format(unquantized, quantized):
     return {name: unquantized if name == "none" else quantized for name in QUANT_KINDS}
 
 
-AUTO_XLA_BELOW_BYTES = {1: {"none": 2 << 20, "fp8_static": 3 << 20,
+AUTO_XLA_BELOW_BYTES = {1: {"none": 2432 << 10, "fp8_static": 3072 << 10,
                             "fp8_per_token": 2304 << 10, "fp8_per_group": 0,
-                            "nvfp4": 72 << 10}}
+                            "nvfp4": 128 << 10}}
 AUTO_XLA_FROM_BYTES = {1: _by_format(None, None), 2: _by_format(None, None)}
 AUTO_XLA_FROM_BYTES_MANY = _by_format(24 << 20, 11 << 20)
 
