@@ -66,7 +66,7 @@ def encode(tmp_path_factory):
 
 
 def boundary_values():
-    """Every sign x exponent x 11 leading mantissa bits, with trailing 12 bits from TAILS."""
+    """Every sign x exponent x 11 leading mantissa bits, with the trailing 12 bits from `tails`."""
     tails = np.array([0x000, 0x001, 0x7FF, 0x800, 0x801, 0xFFE, 0xFFF], np.uint32)
     head = np.arange(1 << 20, dtype=np.uint32) << 12  # sign, exponent, 11 mantissa bits
     u = (head[:, None] | tails[None, :]).reshape(-1)
