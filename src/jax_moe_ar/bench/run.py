@@ -211,7 +211,8 @@ def _meta(args, hello, s):
                         "speedup_vs) / fused wall time",
                 noop="the same chain with jax_moe_ar_noop_v1 (a custom call that zero-fills "
                      "a 4-byte token the next call reads) in place of the op: XLA's own cost "
-                     "per custom call",
+                     "per custom call, plus on a GPU the enqueue of that 4-byte memset (not "
+                     "measured apart; docs/perf.md v14 §5)",
                 beyond_noop_us="fused wall - ffi no-op wall per call: the part that is the op's",
                 started=time.strftime("%Y-%m-%d %H:%M:%S"))
     if not args.in_process:
