@@ -3,6 +3,8 @@
 // caller; the order of every rounding lives here.
 #pragma once
 
+#include <type_traits>
+
 #include "numerics.h"
 
 namespace mar {
@@ -11,7 +13,11 @@ namespace mar {
 // (-1, out of range, negative) is skipped and never dereferenced.
 // IntP is int64_t on the host; the device passes P as int32_t (a call's arrays
 // stay under 2^31 elements there), which keeps the test to 32-bit compares.
-template <typename IntP> MAR_HD bool valid_expert_row(int32_t p, IntP P) { return p >= 0 && p < P; }
+// One unsigned compare: P >= 0, and a negative p wraps to above every P.
+template <typename IntP> MAR_HD bool valid_expert_row(int32_t p, IntP P) {
+  using U = std::make_unsigned_t<IntP>;
+  return U(IntP(p)) < U(P);
+}
 
 // Finalize V adjacent columns of one token:
 //   acc = sum_k (w_k * x[p_k]) in k order, skipping invalid p_k;
@@ -19,7 +25,9 @@ template <typename IntP> MAR_HD bool valid_expert_row(int32_t p, IntP P) { retur
 // The K slots go in chunks of kChunk: the indices, weights and rows of a chunk
 // are all fetched before the first is accumulated, so on a GPU their loads are
 // in flight together (the rounding order is still k order).
-// load_row(p) returns row p's raw data for these columns (any copyable type);
+// load_row(p, ok) returns row p's raw data for these columns (any copyable
+// type) where ok, and zeros without reading p where not (the device loads
+// under a predicate instead of branching around each row);
 // unpack(raw, x) fills x[0..V) with its float32 values; weights(k0, in, w)
 // fills w[i] with the router weight of slot k0 + i as float32 where in[i]
 // (the slot exists: k0 + i < K; load_weights below).
@@ -27,7 +35,7 @@ template <int V, int kChunk = 8, typename IntP, typename Weights, typename LoadR
           typename Unpack>
 MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, IntP P,
                              Weights weights, LoadRow load_row, Unpack unpack) {
-  using Raw = decltype(load_row(int32_t(0)));
+  using Raw = decltype(load_row(int32_t(0), false));
   MAR_UNROLL
   for (int j = 0; j < V; ++j) acc[j] = 0.0f;
   for (int k0 = 0; k0 < K; k0 += kChunk) {
@@ -46,7 +54,7 @@ MAR_HD void finalize_columns(float (&acc)[V], const int32_t* idx_row, int K, Int
     for (int i = 0; i < kChunk; ++i) ok[i] = valid_expert_row(p[i], P);
     Raw raw[kChunk];
     MAR_UNROLL
-    for (int i = 0; i < kChunk; ++i) raw[i] = ok[i] ? load_row(p[i]) : Raw{};
+    for (int i = 0; i < kChunk; ++i) raw[i] = load_row(p[i], ok[i]);
     MAR_UNROLL
     for (int i = 0; i < kChunk; ++i) {
       if (!ok[i]) continue;

@@ -87,6 +87,25 @@ __device__ __forceinline__ uint4 ldg16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// ldg16(p) where `load`, zeros where not, without a branch: one predicated load,
+// so that a warp issues a run of them back to back (a branch around each cost
+// ~16 instructions per expert row, docs/perf.md v15). p is not dereferenced
+// where !load, so it may be out of bounds there. Volatile: it must stay after
+// the wait for the predecessor, like every other load of the kernel's inputs.
+__device__ __forceinline__ uint4 ldg16_if(bool load, const void* p) {
+  uint4 v;
+  asm volatile(
+      "{\n"
+      "  .reg .pred q;\n"
+      "  setp.ne.b32 q, %5, 0;\n"
+      "  mov.b32 %0, 0;\n  mov.b32 %1, 0;\n  mov.b32 %2, 0;\n  mov.b32 %3, 0;\n"
+      "  @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(int(load)));
+  return v;
+}
+
 __device__ __forceinline__ void prefetch_l1(const void* p) {
   asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }

@@ -167,12 +167,11 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
       [&](int k0, const bool (&in)[kChunk], float (&wt)[kChunk]) {
         load_weights<kChunk>(a.scales, a.scales_dtype, m * K + uint32_t(k0), in, wt);
       },
-      [&](int32_t p) {
+      [&](int32_t p, bool ok) {
         Raw raw;
 #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          raw.u[i] = vs.active(i) ? ldg16(elem_ptr<T>(a.partial, uint32_t(p), H, vs.v(i)))
-                                  : make_uint4(0u, 0u, 0u, 0u);
+          raw.u[i] = ldg16_if(ok && vs.active(i), elem_ptr<T>(a.partial, uint32_t(p), H, vs.v(i)));
         return raw;
       },
       [](const Raw& raw, float (&x)[VPT * V]) {
