@@ -1,12 +1,14 @@
 // jax_moe_ar_noop_v1: a custom call that does no work of its own, for the bench's
 // "ffi no-op" column — what XLA itself spends per custom call in a chain, beside the op.
 //
-// It accepts any operands (the bench passes the op's) and zero-fills its one small result.
-// That result is what keeps the call alive: the bench threads it through the chain's
-// barrier, so XLA can neither drop the call nor hoist it. On CUDA the zero-fill is one
-// memset on XLA's stream, so a command-buffer capture of the call is never empty (XLA
-// releases before mid-2026 reject an empty capture); like the op, the handler only
-// enqueues work, so it is command-buffer compatible.
+// It accepts any operands (the bench passes the op's) and returns one small result, whose
+// value nobody reads: it is what keeps the call alive (the bench threads it into the next
+// call as an operand, so XLA can neither drop the call nor hoist it). On CUDA the handler
+// enqueues nothing on a plain stream, so the column measures XLA's own cost per custom
+// call and not a launch of ours (a memset costs a whole launch, ~3 us of host time on the
+// 1xH200 of docs/perf.md v14 §5). While XLA captures the call into a command buffer it
+// enqueues one 4-byte memset, so that the capture is never empty (XLA releases before
+// mid-2026 reject an empty capture); like the op, it is command-buffer compatible.
 #include "noop.h"
 
 #include <cstring>
@@ -30,7 +32,10 @@ ffi::Error NoopCpu(ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> out) {
 
 #if defined(JAX_MOE_AR_WITH_CUDA)
 ffi::Error NoopCuda(cudaStream_t stream, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> out) {
-  const cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(stream, &capture);
+  if (e == cudaSuccess && capture == cudaStreamCaptureStatusNone) return ffi::Error::Success();
+  e = cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
   if (e != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_moe_ar_noop_v1: memset failed: ") +
                                 cudaGetErrorString(e));
