@@ -4,11 +4,12 @@
 // It accepts any operands (the bench passes the op's) and returns one small result, whose
 // value nobody reads: it is what keeps the call alive (the bench threads it into the next
 // call as an operand, so XLA can neither drop the call nor hoist it). On CUDA the handler
-// enqueues nothing on a plain stream, so the column measures XLA's own cost per custom
-// call and not a launch of ours (a memset costs a whole launch, ~3 us of host time on the
-// 1xH200 of docs/perf.md v14 §5). While XLA captures the call into a command buffer it
-// enqueues one 4-byte memset, so that the capture is never empty (XLA releases before
-// mid-2026 reject an empty capture); like the op, it is command-buffer compatible.
+// enqueues nothing on a plain stream, so the column is XLA's own cost per custom call and
+// nothing of ours (it stayed at ~3 us on the 1xH200 host when this dropped the memset it
+// used to enqueue every call: docs/perf.md v15). While XLA captures the call into a
+// command buffer it enqueues one 4-byte memset, so that the capture is never empty (XLA
+// releases before mid-2026 reject an empty capture); like the op, it is command-buffer
+// compatible.
 #include "noop.h"
 
 #include <cstring>

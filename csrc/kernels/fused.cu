@@ -168,10 +168,11 @@ __device__ __forceinline__ void wire_vectors(const LayerArgs& a, uint32_t m, con
         load_weights<kChunk>(a.scales, a.scales_dtype, m * K + uint32_t(k0), in, wt);
       },
       [&](int32_t p, bool ok) {
-        // Several vectors per thread: 16 row loads under predicates, issued back
-        // to back (1xH200, M = 256: 11.24 -> 10.49 µs, M = 2048: 98.7 -> 96.5).
-        // One vector: a branch around each row, which measured faster at M = 32
-        // and 64 (3.79 / 4.73 against 3.92 / 4.84 µs; docs/perf.md v15).
+        // Several vectors per thread: the 16 row loads under predicates, issued
+        // back to back (1xH200, µs: M = 256 11.18 -> 10.54, M = 2048 98.6 -> 96.6,
+        // but M = 128 7.08 -> 7.22). One vector: a branch around each row, which
+        // measured faster at M = 32 and 64 (3.79 / 4.73 against 3.92 / 4.84 µs
+        // with predicates). docs/perf.md v15.
         Raw raw{};
         if (VPT == 1 && !ok) return raw;
 #pragma unroll

@@ -40,12 +40,11 @@ Reported per call:
   the flags already set; XLA reads them when its backend starts), which makes XLA's
   all-reduce its own one-shot peer-memory kernel. Meaningless on CPU: skipped there;
 - ffi no-op: the same chain (same operands, same barriers) with a custom call that does no
-  work of its own (``jax_moe_ar_noop_v1``: it zero-fills one 4-byte result, which the
-  next call reads) in place of the op — what XLA itself spends per custom call, plus, on
-  a GPU, the enqueue of that 4-byte memset on XLA's stream. That enqueue is not measured
-  apart; if it costs what a kernel launch costs (~3 µs of host time on the H200 host of
-  docs/perf.md v14 §5), fused minus no-op understates the part of a small call that is
-  ours by about that much;
+  work of its own (``jax_moe_ar_noop_v1``: on a GPU it enqueues nothing, except one 4-byte
+  memset while XLA captures it into a command buffer, so that a capture is never empty; its
+  4-byte result, which the next call takes, is otherwise left unwritten) in place of the
+  op — what XLA itself spends per custom call (~3 µs on the 1xH200 host of docs/perf.md
+  v15, with or without the memset);
 - speedup: the faster of the two xla columns' wall time / fused wall time (the JSON says
   which xla column it was, ``speedup_vs``);
 - floor: the bytes each GPU must send over NVLink for one call, divided by the NVLink

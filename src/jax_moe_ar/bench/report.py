@@ -89,9 +89,9 @@ def summary_lines(meta, rows, algorithms, floor_formula, bwtxt):
     one_shot = meta["xla_one_shot"]
     out.append(f"xla 1shot = 'xla' with {one_shot['flag']} in its own process"
                + (f" — skipped: {one_shot['skipped']}" if one_shot.get("skipped") else ""))
-    out.append("ffi no-op = the same chain with a custom call that only zero-fills a 4-byte "
-               "token in place of the op: XLA's own cost per call, plus, on a GPU, the "
-               "enqueue of that memset (not measured apart; perf.md v14 §5)")
+    out.append("ffi no-op = the same chain with a custom call that enqueues nothing in place "
+               "of the op (a 4-byte memset only inside a command-buffer capture): XLA's own "
+               "cost per call")
     out.append("speedup = wall of the faster xla column (vs) / fused wall")
     out.append(f"{floor_formula}, BW = {bwtxt}; % of floor = floor / fused wall")
     return out + table_lines(rows, algorithms)

@@ -209,10 +209,10 @@ def _meta(args, hello, s):
                             "run / chain, mean over the group's GPUs",
                 speedup="wall time of the faster of 'xla' and 'xla_one_shot' (the row's "
                         "speedup_vs) / fused wall time",
-                noop="the same chain with jax_moe_ar_noop_v1 (a custom call that zero-fills "
-                     "a 4-byte token the next call reads) in place of the op: XLA's own cost "
-                     "per custom call, plus on a GPU the enqueue of that 4-byte memset (not "
-                     "measured apart; docs/perf.md v14 §5)",
+                noop="the same chain with jax_moe_ar_noop_v1 (a custom call that enqueues "
+                     "nothing on a GPU, a 4-byte memset only inside a command-buffer capture; "
+                     "its 4-byte token feeds the next call) in place of the op: XLA's own cost "
+                     "per custom call (docs/perf.md v15)",
                 beyond_noop_us="fused wall - ffi no-op wall per call: the part that is the op's",
                 started=time.strftime("%Y-%m-%d %H:%M:%S"))
     if not args.in_process:
