@@ -54,7 +54,8 @@ void cpu_finalize(const LayerArgs& a) {
     for (int64_t h = 0; h < a.H; ++h) {
       float acc[1];
       finalize_columns<1>(
-          acc, idx_row, int(a.K), a.P, weights, [&](int32_t p, bool ok) { return ok ? x[p * a.H + h] : T{}; },
+          acc, idx_row, int(a.K), a.P, weights,
+          [&](int32_t p, bool ok) { return ok ? x[p * a.H + h] : T{}; },
           [](T raw, float (&v)[1]) { v[0] = to_f32(raw); });
       float sh[1] = {0.0f};
       if (shared) sh[0] = to_f32(shared[m * a.H + h]);
