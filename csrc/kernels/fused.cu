@@ -322,16 +322,64 @@ __device__ __forceinline__ void load_residual(const LayerArgs& a, uint32_t row, 
 }
 
 // residual_out of this thread's vectors of a row: the rank-ordered sum of the
-// wires (own from registers) plus the residual.
-template <typename T, int VPT>
+// wires (own from registers) plus the residual, each vector as rank_sum: its
+// peers' slots waited for, cleared and added in rank order.
+// kAllSlotsFirst, for two-shot's owned rows (whose peers pushed them in phase 1,
+// before their own reductions): with several vectors per thread and at most
+// 8 / VPT ranks, the peers' slots of every vector are read before the first wait,
+// one round trip per row instead of one per vector (1xH200, 2 virtual ranks:
+// reduce-scatter M = 1024 84.1 -> 74.4 µs, two-shot 108.3 -> 100.0). Not for
+// one-shot, which reduces a row right after its own push, when the peers' slots
+// are mostly still empty: there the early reads found nothing, and 2 virtual ranks
+// at M = 128 went from 11.8 to 15.3 µs (docs/perf.md v16). The steps after the
+// reads are rank_sum's (kept apart: written as one function, the one-shot kernels
+// compiled to other, longer code).
+template <typename T, int VPT, bool kAllSlotsFirst = false>
 __device__ __forceinline__ void reduce_row(const ExchangeView& x, const CallState& st, uint32_t m,
                                            const Vectors<VPT>& vs, const uint4 (&own)[VPT],
                                            const uint4 (&res)[VPT], uint4 (&r)[VPT]) {
+  using PK = Pack<T>;
+  constexpr int kRanks = kAllSlotsFirst && VPT > 1 ? 8 / VPT : 0;
+  if (kRanks > 1 && x.nranks > 1 && x.nranks <= kRanks) {
+    constexpr int R = kRanks > 1 ? kRanks : 1;
+    char* mine = x.areas[x.rank] + st.slot0(x.nranks) * x.slot_bytes;
+    auto slot = [&](int i, int s) {
+      return mine + slot_offset(m, vs.HV, vs.v(i)) + uint64_t(s) * x.slot_bytes;
+    };
+    auto peer = [&](int i, int s) {
+      return s < x.nranks && s != x.rank && !st.poisoned && vs.active(i);
+    };
+    uint4 d[VPT][R];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+#pragma unroll
+      for (int s = 0; s < R; ++s)
+        d[i][s] = peer(i, s) ? ld_relaxed_sys(slot(i, s)) : (s == x.rank ? own[i] : kSentinel4);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      float y[PK::V];
+#pragma unroll
+      for (int s = 0; s < R; ++s) {
+        if (s >= x.nranks) break;
+        uint4 dv = d[i][s];
+        if (peer(i, s)) {
+          dv = wait_slot<sizeof(T)>(dv, slot(i, s), x, st, s);
+          st_relaxed_sys(slot(i, s), kSentinel4);
+        }
+        float f[PK::V];
+        PK::unpack(dv, f);
+#pragma unroll
+        for (int j = 0; j < PK::V; ++j) y[j] = s == 0 ? f[j] : rank_sum_step(y[j], f[j]);
+      }
+      r[i] = vs.active(i) ? add_residual<T>(y, res[i]) : kSentinel4;
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     r[i] = kSentinel4;
     if (!vs.active(i)) continue;
-    float y[Pack<T>::V];
+    float y[PK::V];
     rank_sum<T>(x, st, slot_offset(m, vs.HV, vs.v(i)), own[i], y);
     r[i] = add_residual<T>(y, res[i]);
   }
@@ -491,7 +539,7 @@ __global__ void __launch_bounds__(kMaxTR, kMinBlocks)
     if constexpr (VPT == 1) load_residual<T, VPT>(a, out, rows_out, vs, res);
     wire_vectors<T, VPT>(a, m, vs, own);
     if constexpr (VPT > 1) load_residual<T, VPT>(a, out, rows_out, vs, res);
-    reduce_row<T, VPT>(x, st, m, vs, own, res, r);
+    reduce_row<T, VPT, true>(x, st, m, vs, own, res, r);
     if (!st.poisoned && !scatter) {
 #pragma unroll
       for (int i = 0; i < VPT; ++i)
