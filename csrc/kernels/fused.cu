@@ -330,8 +330,9 @@ __device__ __forceinline__ void load_residual(const LayerArgs& a, uint32_t row, 
 // one round trip per row instead of one per vector (1xH200, 2 virtual ranks:
 // reduce-scatter M = 1024 84.1 -> 74.4 µs, two-shot 108.3 -> 100.0). Not for
 // one-shot, which reduces a row right after its own push, when the peers' slots
-// are mostly still empty: there the early reads found nothing, and 2 virtual ranks
-// at M = 128 went from 11.8 to 15.3 µs (docs/perf.md v16). The steps after the
+// are likely still empty: there 4 virtual ranks at M = 32 went from 8.6 to 12.0 µs
+// (two vectors per thread, no spills), and at four vectors per thread the kernel
+// spilled (docs/perf.md v16). The steps after the
 // reads are rank_sum's (kept apart: written as one function, the one-shot kernels
 // compiled to other, longer code).
 template <typename T, int VPT, bool kAllSlotsFirst = false>
