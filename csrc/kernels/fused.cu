@@ -332,9 +332,8 @@ __device__ __forceinline__ void load_residual(const LayerArgs& a, uint32_t row, 
 // one-shot, which reduces a row right after its own push, when the peers' slots
 // are likely still empty: there 4 virtual ranks at M = 32 went from 8.6 to 12.0 µs
 // (two vectors per thread, no spills), and at four vectors per thread the kernel
-// spilled (docs/perf.md v16). The steps after the
-// reads are rank_sum's (kept apart: written as one function, the one-shot kernels
-// compiled to other, longer code).
+// spilled (docs/perf.md v16). The steps after the reads are rank_sum's, kept apart:
+// written as one function, the one-shot kernels compiled to other, longer code.
 template <typename T, int VPT, bool kAllSlotsFirst = false>
 __device__ __forceinline__ void reduce_row(const ExchangeView& x, const CallState& st, uint32_t m,
                                            const Vectors<VPT>& vs, const uint4 (&own)[VPT],
